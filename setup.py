@@ -30,6 +30,7 @@ setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "scikit-learn",
     ],
     extras_require={
         # mamba-ssm ships as an sdist with a CUDA extension; never a CPU dependency.

@@ -1,0 +1,144 @@
+"""Small blocks shared by the methods, parameterised by ``conv_op`` like
+dynamic-network-architectures, so the same code serves 2d and 3d plans.
+
+Shapes use ``*S`` for the spatial axes (``(H, W)`` for 2d, ``(D, H, W)`` for 3d) and ``N`` for the
+phase (time) axis of multiphase inputs laid out as ``(B, N, C, *S)``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Type, Union
+
+import numpy as np
+import torch
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+# Keys of nnU-Net's PlainConvUNet / ResidualEncoderUNet arch_kwargs that describe the encoder.
+_ENCODER_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "conv_bias",
+                 "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs")
+
+
+def build_encoder(input_channels: int, arch_kwargs: dict) -> Union[PlainConvEncoder, ResidualEncoder]:
+    """The encoder nnU-Net's plans describe, returning skips (highest resolution first).
+
+    ``arch_kwargs`` are the plans' ``arch_kwargs`` with the import strings already resolved. Plans of
+    the ResEnc presets carry ``n_blocks_per_stage`` and get dynamic-network-architectures'
+    ResidualEncoder; the default plans carry ``n_conv_per_stage`` and get PlainConvEncoder.
+    """
+    common = {k: arch_kwargs[k] for k in _ENCODER_KEYS if k in arch_kwargs}
+    missing = [k for k in ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides") if k not in common]
+    if missing:
+        raise ValueError(f"plans arch_kwargs lack {missing}; got keys {sorted(arch_kwargs)}")
+    if "n_blocks_per_stage" in arch_kwargs:
+        return ResidualEncoder(input_channels=input_channels, n_blocks_per_stage=arch_kwargs["n_blocks_per_stage"],
+                               return_skips=True, disable_default_stem=False, **common)
+    if "n_conv_per_stage" not in arch_kwargs:
+        raise ValueError("plans arch_kwargs need n_conv_per_stage (PlainConvUNet) or n_blocks_per_stage (ResEnc)")
+    return PlainConvEncoder(input_channels=input_channels, n_conv_per_stage=arch_kwargs["n_conv_per_stage"],
+                            return_skips=True, **common)
+
+
+def spatial_dims(conv_op: Type[_ConvNd]) -> int:
+    if conv_op is nn.Conv2d:
+        return 2
+    if conv_op is nn.Conv3d:
+        return 3
+    raise ValueError(f"conv_op must be nn.Conv2d or nn.Conv3d, got {conv_op}")
+
+
+class PhaseFusion(nn.Module):
+    """Fuses per-phase feature maps into one map for the decoder.
+
+    ``mode="attention"``: voxel-wise softmax over phases of a shared 1x1 score plus a learned
+    per-phase bias, so each location can take the phase in which it has the best contrast.
+    ``mode="mean"``: the plain average (order-invariant). ``mode="reference"``: the single phase
+    ``reference_phase`` (the STD-Net paper decodes from the portal venous phase).
+
+    Input ``(B, N, C, *S)``, output ``(B, C, *S)``.
+    """
+
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, num_phases: int, mode: str = "attention",
+                 reference_phase: Optional[int] = None):
+        super().__init__()
+        if mode not in ("attention", "mean", "reference"):
+            raise ValueError(f"PhaseFusion mode must be attention, mean or reference, got {mode!r}")
+        if mode == "reference" and (reference_phase is None or not 0 <= reference_phase < num_phases):
+            raise ValueError(f"reference_phase must be in [0, {num_phases}) for mode='reference', got {reference_phase}")
+        self.mode = mode
+        self.reference_phase = reference_phase
+        if mode == "attention":
+            self.score = conv_op(channels, 1, kernel_size=1)
+            self.phase_bias = nn.Parameter(torch.zeros(num_phases))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mean":
+            return features.mean(1)
+        if self.mode == "reference":
+            return features[:, self.reference_phase]
+        b, n = features.shape[:2]
+        scores = self.score(features.flatten(0, 1)).unflatten(0, (b, n))
+        scores = scores + self.phase_bias[:n].view(1, n, *([1] * (features.ndim - 2)))
+        weights = torch.softmax(scores.float(), dim=1).to(features.dtype)
+        return (weights * features).sum(1)
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling over the spatial axes (attention-MIL style): a learned score per location,
+    softmax over locations, weighted mean. Lets a case-level head look at the lesion rather than
+    averaging it away with the surrounding parenchyma.
+
+    Input ``(B, L, C)`` tokens (L locations), output ``(B, C)``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = nn.Linear(channels, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.score(tokens).float(), dim=1).to(tokens.dtype)
+        return (weights * tokens).sum(1)
+
+
+class ConvGRU(nn.Module):
+    """A convolutional GRU run along the phase axis (STD-Net ablation (d)).
+
+    Input ``(B, N, C, *S)``; returns the hidden state after every phase ``(B, N, C, *S)``.
+    """
+
+    def __init__(self, conv_op: Type[_ConvNd], channels: int, kernel_size: int = 3):
+        super().__init__()
+        padding = kernel_size // 2
+        self.gates = conv_op(2 * channels, 2 * channels, kernel_size, padding=padding)
+        self.candidate = conv_op(2 * channels, channels, kernel_size, padding=padding)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = torch.zeros_like(features[:, 0])
+        states = []
+        for n in range(features.shape[1]):  # a recurrence: one step per phase by definition
+            x = features[:, n]
+            update, reset = torch.sigmoid(self.gates(torch.cat((x, hidden), 1))).chunk(2, 1)
+            candidate = torch.tanh(self.candidate(torch.cat((x, reset * hidden), 1)))
+            hidden = (1 - update) * hidden + update * candidate
+            states.append(hidden)
+        return torch.stack(states, 1)
+
+
+def mlp_head(in_features: int, hidden: int, out_features: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(hidden, out_features))
+
+
+def encoder_skip_sizes(encoder: nn.Module, input_size: Sequence[int]) -> List[List[int]]:
+    """Spatial size of every encoder stage's output for an input of ``input_size``."""
+    sizes = []
+    size = list(input_size)
+    for stride in encoder.strides:
+        size = [i // j for i, j in zip(size, stride)]
+        sizes.append(size)
+    return sizes
+
+
+def numel(*dims) -> np.int64:
+    return np.prod(dims, dtype=np.int64)

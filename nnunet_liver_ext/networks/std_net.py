@@ -1,0 +1,260 @@
+"""STD-Net: spatio-temporal decoupling for multiphase liver lesion segmentation and
+characterization (../shared/seeds/std_net.txt; spec in ../shared/METHODS.md).
+
+A shared-weight spatial encoder E runs on every phase in one batched call, a Transformer T models
+the phase (time) axis, a U-Net decoder segments from phase-fused skips and an MLP on T's [CLS]
+output characterizes the case.
+
+Where the paper is silent (ours, see METHODS.md):
+- T runs across phases at every bottleneck location (tokens = phases, one sequence per voxel,
+  as in divided space-time attention). The [CLS] sequence runs over the N phase tokens pooled
+  over space by attention pooling; both sequences share T's weights and the phase positional
+  encodings ``E_pos`` (N + 1 rows, row 0 for [CLS]).
+- Decoder input and skips are fused over phases by learned voxel-wise attention weights;
+  ``reference_phase`` reproduces the paper's single-phase decoding.
+- Hybrid ablation (Table 4 e): after T's third layer, a low-rank bilinear fusion adds each
+  phase's spatial context (its mean token) to every voxel token of that phase.
+
+Input layout: ``x`` is ``(B, N * channels_per_phase, *S)`` with the channels of phase n at
+``[n * channels_per_phase, (n + 1) * channels_per_phase)``, i.e. nnU-Net's channel order when the
+dataset's channels are its phases.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
+                                              encoder_skip_sizes, mlp_head, numel, spatial_dims)
+from nnunet_liver_ext.networks.contract import NetworkOutput
+
+TEMPORAL_MODELERS = ("transformer", "hybrid", "convgru", "mean")
+FUSIONS = ("decoupled", "early")
+
+
+class LowRankSpatioTemporalFusion(nn.Module):
+    """``t_vn += U((A t_vn) * (B s_n))`` with ``s_n`` the spatial mean token of phase n and
+    ``A, B: E -> r``, ``U: r -> E`` (a rank-r bilinear interaction). Tokens ``(B, V, N, E)``."""
+
+    def __init__(self, embed_dim: int, rank: int):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"hybrid rank must be >= 1, got {rank}")
+        self.token_proj = nn.Linear(embed_dim, rank, bias=False)
+        self.context_proj = nn.Linear(embed_dim, rank, bias=False)
+        self.up = nn.Linear(rank, embed_dim)
+        nn.init.zeros_(self.up.weight)  # starts as the identity, like a residual branch
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        context = tokens.mean(1, keepdim=True)
+        return tokens + self.up(self.token_proj(tokens) * self.context_proj(context))
+
+
+class TemporalTransformer(nn.Module):
+    """STD-Net's temporal dynamics modeler T (eqs. 4-8): pre-norm Transformer encoder with ReLU FFN,
+    learnable [CLS] token and learnable phase positional encodings.
+
+    forward(features (B, N, C, *S), with_cls) -> (features' (B, N, C, *S), cls (B, E) or None)
+    """
+
+    def __init__(self, in_channels: int, max_phases: int, embed_dim: int, num_layers: int, num_heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, hybrid_rank: Optional[int] = None,
+                 hybrid_after_layer: int = 3):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.max_phases = max_phases
+        self.proj_in = nn.Linear(in_channels, embed_dim)
+        self.proj_out = nn.Linear(embed_dim, in_channels)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_phases + 1, embed_dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(embed_dim, num_heads, int(embed_dim * mlp_ratio), dropout, activation="relu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.pool = AttentionPool(embed_dim)
+        # After layer index hybrid_after_layer - 1; clamped so shallow configurations still fuse.
+        self.hybrid_after = min(hybrid_after_layer, num_layers) - 1
+        self.hybrid = LowRankSpatioTemporalFusion(embed_dim, hybrid_rank) if hybrid_rank else None
+        # The residual output starts at zero so an untrained T leaves the encoder features intact.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, features: torch.Tensor, with_cls: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        b, n, c = features.shape[:3]
+        if n > self.max_phases:
+            raise ValueError(f"got {n} phases but the temporal modeler was built for at most {self.max_phases}")
+        spatial = features.shape[3:]
+        tokens = self.proj_in(features.flatten(3).permute(0, 3, 1, 2))  # (B, V, N, E)
+        v, e = tokens.shape[1], tokens.shape[3]
+        phase_pos = self.pos_embed[:, 1:n + 1]
+        cls_seq = None
+        if with_cls:
+            pooled = self.pool(tokens.transpose(1, 2).flatten(0, 1)).view(b, n, e)  # (B, N, E)
+            cls_seq = torch.cat((self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :1], pooled + phase_pos), 1)
+        voxel_seq = (tokens + phase_pos.unsqueeze(1)).reshape(b * v, n, e)
+        for i, layer in enumerate(self.layers):
+            voxel_seq = layer(voxel_seq)
+            if cls_seq is not None:
+                cls_seq = layer(cls_seq)
+            if self.hybrid is not None and i == self.hybrid_after:
+                voxel_seq = self.hybrid(voxel_seq.view(b, v, n, e)).reshape(b * v, n, e)
+        delta = self.proj_out(self.norm(voxel_seq)).view(b, v, n, c).permute(0, 2, 3, 1).reshape(b, n, c, *spatial)
+        cls = self.norm(cls_seq[:, 0]) if cls_seq is not None else None
+        return features + delta, cls
+
+
+class STDNet(nn.Module):
+    """STD-Net built from nnU-Net plans.
+
+    Args (plans): ``input_channels``, ``num_classes`` (segmentation outputs) and the PlainConvUNet /
+        ResidualEncoderUNet ``arch_kwargs`` of the plans (``n_stages``, ``features_per_stage``,
+        ``conv_op``, ``kernel_sizes``, ``strides``, ``n_conv_per_stage`` or ``n_blocks_per_stage``,
+        ``n_conv_per_stage_decoder``, norm/dropout/nonlin ops and kwargs), ``deep_supervision``.
+    Args (method):
+        num_case_classes: K of the characterization head; 0 builds no head (segmentation only).
+        channels_per_phase: input channels per phase (1 for CT).
+        temporal: ``transformer`` (STD-Net), ``hybrid`` (ablation e), ``convgru`` (ablation d),
+            ``mean`` (ablation a: no temporal modeler, phases fused by their mean).
+        fusion: ``decoupled`` (STD-Net) or ``early`` (ablation b: phases as channels of one encoder).
+        share_encoder: False gives one encoder per phase (ablation c).
+        embed_dim / num_layers / num_heads: T's width, depth, heads. The paper uses 768 / 6 / 8;
+            ``embed_dim=None`` sizes T to the plans' bottleneck width.
+        mlp_hidden / mlp_dropout: characterization MLP (paper: 512 / 0.3).
+        reference_phase: decode from this phase alone (the paper's choice) instead of fusing.
+        hybrid_rank: rank of the hybrid fusion.
+
+    forward(x (B, N * channels_per_phase, *S), heads=False) -> seg logits (list with deep
+    supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
+                 num_case_classes: int = 0, channels_per_phase: int = 1, temporal: str = "transformer",
+                 fusion: str = "decoupled", share_encoder: bool = True, embed_dim: Optional[int] = None,
+                 num_layers: int = 6, num_heads: int = 8, transformer_dropout: float = 0.1,
+                 mlp_hidden: int = 512, mlp_dropout: float = 0.3, reference_phase: Optional[int] = None,
+                 hybrid_rank: int = 16, **arch_kwargs):
+        super().__init__()
+        if temporal not in TEMPORAL_MODELERS:
+            raise ValueError(f"temporal must be one of {TEMPORAL_MODELERS}, got {temporal!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if channels_per_phase < 1 or input_channels % channels_per_phase:
+            raise ValueError(f"input_channels ({input_channels}) must be a multiple of channels_per_phase "
+                             f"({channels_per_phase})")
+        if num_case_classes < 0:
+            raise ValueError(f"num_case_classes must be >= 0, got {num_case_classes}")
+        if "n_conv_per_stage_decoder" not in arch_kwargs:
+            raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
+        self.num_phases = input_channels // channels_per_phase
+        self.channels_per_phase = channels_per_phase
+        self.fusion = fusion
+        self.temporal_kind = temporal if fusion == "decoupled" else "none"
+        self.share_encoder = share_encoder
+        self.conv_op: Type[_ConvNd] = arch_kwargs["conv_op"]
+        spatial_dims(self.conv_op)
+
+        if fusion == "early":
+            self.encoder = build_encoder(input_channels, arch_kwargs)
+            self.encoders = None
+        elif share_encoder:
+            self.encoder = build_encoder(channels_per_phase, arch_kwargs)
+            self.encoders = None
+        else:
+            self.encoders = nn.ModuleList(build_encoder(channels_per_phase, arch_kwargs)
+                                          for _ in range(self.num_phases))
+            self.encoder = self.encoders[0]  # the decoder reads stage shapes from it
+        stage_channels: List[int] = list(self.encoder.output_channels)
+        bottleneck = stage_channels[-1]
+
+        phases_at_fusion = 1 if fusion == "early" else self.num_phases
+        fusion_mode = "mean" if temporal == "mean" else "attention"
+        if reference_phase is not None:
+            if fusion == "early":
+                raise ValueError("reference_phase needs fusion='decoupled' (early fusion has no per-phase features)")
+            fusion_mode = "reference"
+        self.phase_fusions = nn.ModuleList(
+            PhaseFusion(self.conv_op, ch, phases_at_fusion, fusion_mode, reference_phase) for ch in stage_channels)
+
+        self.temporal = None
+        case_feature_dim = bottleneck
+        if self.temporal_kind in ("transformer", "hybrid"):
+            width = embed_dim or bottleneck
+            self.temporal = TemporalTransformer(bottleneck, self.num_phases, width, num_layers, num_heads,
+                                                dropout=transformer_dropout,
+                                                hybrid_rank=hybrid_rank if temporal == "hybrid" else None)
+            case_feature_dim = width
+        elif self.temporal_kind == "convgru":
+            self.temporal = ConvGRU(self.conv_op, bottleneck)
+        if self.temporal_kind not in ("transformer", "hybrid"):
+            self.case_pool = AttentionPool(bottleneck)
+
+        self.decoder = UNetDecoder(self.encoder, num_classes, arch_kwargs["n_conv_per_stage_decoder"],
+                                   deep_supervision, nonlin_first=arch_kwargs.get("nonlin_first", False))
+        self.cls_head = mlp_head(case_feature_dim, mlp_hidden, num_case_classes, mlp_dropout) \
+            if num_case_classes > 0 else None
+        self.apply(InitWeights_He(1e-2))  # nnU-Net's conv init; it leaves the Linear layers of T alone
+
+    def _phase_skips(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Encoder skips per stage, each ``(B, N, C_s, *S_s)`` (N = 1 for early fusion)."""
+        b = x.shape[0]
+        if self.fusion == "early":
+            return [s.unsqueeze(1) for s in self.encoder(x)]
+        n, cpp = self.num_phases, self.channels_per_phase
+        if x.shape[1] != n * cpp:
+            raise ValueError(f"expected {n * cpp} input channels ({n} phases x {cpp}), got {x.shape[1]}")
+        if self.encoders is None:
+            # One batched call over all phases (B * N samples): the weight sharing of the paper.
+            skips = self.encoder(x.reshape(b * n, cpp, *x.shape[2:]))
+            return [s.unflatten(0, (b, n)) for s in skips]
+        per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(self.encoders)]
+        return [torch.stack(stage, 1) for stage in zip(*per_phase)]
+
+    def _temporal(self, bottleneck: torch.Tensor, with_case: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(self.temporal, TemporalTransformer):
+            return self.temporal(bottleneck, with_case)
+        if isinstance(self.temporal, ConvGRU):
+            bottleneck = self.temporal(bottleneck)
+            summary = bottleneck[:, -1]  # the state after the last phase has seen the whole sequence
+        else:
+            summary = bottleneck.mean(1)
+        case = self.case_pool(summary.flatten(2).transpose(1, 2)) if with_case else None
+        return bottleneck, case
+
+    def forward(self, x: torch.Tensor, heads: bool = False):
+        skips = self._phase_skips(x)
+        with_case = heads and self.cls_head is not None
+        skips[-1], case_feature = self._temporal(skips[-1], with_case)
+        fused = [fusion(s) for fusion, s in zip(self.phase_fusions, skips)]
+        seg = self.decoder(fused)
+        if not heads:
+            return seg
+        cls_logits = self.cls_head(case_feature) if with_case else None
+        return NetworkOutput(seg=seg, cls_logits=cls_logits)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Feature-map elements of one sample, for nnU-Net-style VRAM planning: the encoder once per
+        phase, the fused skips, the temporal tokens and the decoder."""
+        phases = 1 if self.fusion == "early" else self.num_phases
+        total = self.encoder.compute_conv_feature_map_size(input_size) * phases
+        sizes = encoder_skip_sizes(self.encoder, input_size)
+        for ch, size in zip(self.encoder.output_channels, sizes):
+            total += numel(ch, *size)  # fused skip
+        if isinstance(self.temporal, TemporalTransformer):
+            width = self.temporal.proj_in.out_features
+            layers = len(self.temporal.layers)
+            # per layer: attention in/out projections and the 4x FFN, per voxel sequence
+            total += numel(phases, width, *sizes[-1]) * layers * 8
+        total += self.decoder.compute_conv_feature_map_size(input_size)
+        return int(total)

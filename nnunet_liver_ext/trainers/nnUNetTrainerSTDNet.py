@@ -1,0 +1,92 @@
+"""STD-Net trainers: ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerSTDNet``.
+
+The network is ``nnunet_liver_ext.networks.std_net.STDNet`` built from the plans; the loss is
+nnU-Net's Dice+CE (weight 1.0) plus 0.5 x cross-entropy of the characterization head (METHODS.md:
+lambda1 = 1.0, lambda2 = 0.5). Optimiser and schedule stay nnU-Net's, so a comparison with
+``nnUNetTrainer`` differs in the method only; ``nnUNetTrainerSTDNet_paper`` uses the paper's
+AdamW / cosine schedule instead.
+
+Ablations of the paper's Table 4, each selectable with ``-tr``:
+``_noTemporal`` (a), ``_earlyFusion`` (b), ``_noWeightSharing`` (c), ``_ConvGRU`` (d), ``_hybrid`` (e),
+plus ``_refPhase`` (decode from the portal venous phase alone, as the paper does).
+"""
+import torch
+
+from nnunet_liver_ext.networks.std_net import STDNet
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler, apply_schedule
+
+
+class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
+    network_class = STDNet
+    network_kwargs = {}
+    loss_weights = {"cls": 0.5}
+    #: decode from this phase alone (the paper's choice) instead of fusing the phases
+    reference_phase_name = None
+
+    @classmethod
+    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+        if cls.reference_phase_name is None:
+            return {}
+        phases = plans_block.get("phases")
+        if not phases or cls.reference_phase_name not in phases:
+            raise ValueError(f"{cls.__name__} decodes from the {cls.reference_phase_name} phase, but dataset.json "
+                             f"phases are {phases}")
+        return {"reference_phase": phases.index(cls.reference_phase_name)}
+
+
+class nnUNetTrainerSTDNet_noTemporal(nnUNetTrainerSTDNet):
+    network_kwargs = {"temporal": "mean"}
+
+
+class nnUNetTrainerSTDNet_earlyFusion(nnUNetTrainerSTDNet):
+    network_kwargs = {"fusion": "early"}
+
+
+class nnUNetTrainerSTDNet_noWeightSharing(nnUNetTrainerSTDNet):
+    network_kwargs = {"share_encoder": False}
+
+
+class nnUNetTrainerSTDNet_ConvGRU(nnUNetTrainerSTDNet):
+    network_kwargs = {"temporal": "convgru"}
+
+
+class nnUNetTrainerSTDNet_hybrid(nnUNetTrainerSTDNet):
+    network_kwargs = {"temporal": "hybrid"}
+
+
+class nnUNetTrainerSTDNet_refPhase(nnUNetTrainerSTDNet):
+    reference_phase_name = "portal_venous"
+
+
+class nnUNetTrainerSTDNet_paper(nnUNetTrainerSTDNet):
+    """The paper's optimisation: AdamW lr 1e-4, wd 1e-5, 20-epoch linear warm-up then cosine, 500 epochs."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 1e-5
+        self.num_epochs = 500
+        self.warmup_epochs = 20
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+
+class nnUNetTrainerSTDNet_5epochs(nnUNetTrainerSTDNet):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, "5epochs")
+
+
+class nnUNetTrainerSTDNet_demo(nnUNetTrainerSTDNet):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, "demo")
+
+
+class nnUNetTrainerSTDNet_tiny(nnUNetTrainerSTDNet):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, "tiny")

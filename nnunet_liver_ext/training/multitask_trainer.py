@@ -1,0 +1,175 @@
+"""The multi-task mechanics every method's trainer shares, written once.
+
+``LiverMultiTaskTrainer`` is an ``nnUNetTrainer`` whose network follows the contract of
+``nnunet_liver_ext.networks.contract``. It adds, through nnU-Net's own hooks:
+
+- ``__init__``: reads the case-level targets from dataset.json and writes what the network's
+  shape needs into the plans (``training.plans.PLANS_KEY``), so inference rebuilds it;
+- ``build_network_architecture`` (a classmethod, so ablation trainers only change
+  ``network_kwargs``): builds ``network_class`` from the plans;
+- ``train_step``: ``net(x, heads=True)``, nnU-Net's seg loss plus the weighted case-level terms;
+- ``perform_actual_validation``: nnU-Net's validation, then a ``CASE.json`` per validation case.
+
+Method trainers (``trainers/nnUNetTrainer<Method>.py``) set ``network_class``,
+``network_kwargs`` and ``loss_weights``; anything method-specific goes into
+``case_loss_terms`` or ``method_network_kwargs``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+
+from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
+from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
+from nnunet_liver_ext.training.case_labels import CaseTargets
+from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block, resolved_arch_kwargs
+
+
+def tumor_label_value(dataset_json: dict) -> int:
+    """The label value of the tumor class: ``labels["tumor"]`` (or MSD's "cancer"), else the
+    highest foreground label."""
+    labels = dataset_json["labels"]
+    for name in ("tumor", "cancer", "lesion"):
+        if name in labels and isinstance(labels[name], int):
+            return labels[name]
+    values = [v for v in labels.values() if isinstance(v, int)]
+    return max(values)
+
+
+class LiverMultiTaskTrainer(nnUNetTrainer):
+    network_class: type = None
+    #: constructor arguments of ``network_class`` beyond the plans; ablation trainers override it
+    network_kwargs: Dict = {}
+    #: weights of the case-level terms relative to nnU-Net's segmentation loss (weight 1)
+    loss_weights: Dict[str, float] = {"cls": 0.5, "curve": 0.0}
+    #: an ``aux_losses`` entry of the network without a weight here is an error, not ignored
+    aux_loss_weights: Dict[str, float] = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        targets = CaseTargets.from_dataset_json(dataset_json)
+        plans = copy.deepcopy(plans)
+        plans[PLANS_KEY] = self.plans_block(targets, dataset_json, plans.get(PLANS_KEY))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.case_targets = targets
+        self.tumor_label = tumor_label_value(dataset_json)
+        if targets.has_classes:
+            self.print_to_log_file(f"Characterization: {len(targets.class_of_case)} labelled cases, classes "
+                                   f"{list(targets.classes)}; loss weight {self.loss_weights.get('cls', 0)}")
+        else:
+            self.print_to_log_file("Characterization: dataset.json has no 'characterization' labels, so this run "
+                                   "trains segmentation only (no class head, no classification loss).")
+        if targets.phases is None:
+            self.print_to_log_file("dataset.json has no 'phases' key: the input channels are read as phases in "
+                                   "channel order.")
+
+    @staticmethod
+    def plans_block(targets: CaseTargets, dataset_json: dict, existing: Optional[dict]) -> dict:
+        block = dict(existing or {})
+        block["case_classes"] = list(targets.classes) if targets.has_classes else []
+        block["phases"] = list(targets.phases) if targets.phases is not None else None
+        if targets.has_enhancement:
+            values = np.array(list(targets.enhancement.values()), dtype=np.float64)
+            # curves are regressed in standardised units; inference maps them back with these
+            block["enhancement_stats"] = [float(values.mean()), float(values.std() + 1e-6)]
+        return block
+
+    # ------------------------------------------------------------------ network
+    @classmethod
+    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+        return {}
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        if cls.network_class is None:
+            raise TypeError(f"{cls.__name__} sets no network_class")
+        block = liver_ext_block(plans_manager.plans)
+        kwargs = dict(resolved_arch_kwargs(configuration_manager))
+        kwargs.update(cls.network_kwargs)
+        kwargs.update(cls.method_network_kwargs(block, num_input_channels))
+        return cls.network_class(num_input_channels, num_output_channels, enable_deep_supervision,
+                                 num_case_classes=len(block.get("case_classes") or []), **kwargs)
+
+    # ------------------------------------------------------------------ training
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def case_loss_terms(self, output: NetworkOutput, target, keys: List[str]) -> Dict[str, torch.Tensor]:
+        """Weighted case-level loss terms of one batch (already multiplied by their weights).
+
+        The classification term only counts samples whose patch contains tumor voxels and whose case
+        has a label; with none in the batch it is a graph-connected zero. Averaged per rank (DDP).
+        """
+        terms: Dict[str, torch.Tensor] = {}
+        full_res_target = target[0] if isinstance(target, (list, tuple)) else target
+        if output.cls_logits is not None and self.loss_weights.get("cls", 0) > 0:
+            labels, known = self.case_targets.class_labels(keys, self.device)
+            has_lesion = (full_res_target == self.tumor_label).flatten(1).any(1)
+            terms["cls"] = self.loss_weights["cls"] * masked_cross_entropy(output.cls_logits, labels,
+                                                                           known & has_lesion)
+        if output.curve is not None and self.loss_weights.get("curve", 0) > 0:
+            mean, std = liver_ext_block(self.plans_manager.plans).get("enhancement_stats", (0.0, 1.0))
+            curves, known = self.case_targets.curves(keys, output.curve.shape[1], self.device)
+            terms["curve"] = self.loss_weights["curve"] * masked_l1(output.curve, (curves - mean) / std, known)
+        for name, value in output.aux_losses.items():
+            if name not in self.aux_loss_weights:
+                raise KeyError(f"network returned aux loss {name!r} but {type(self).__name__}.aux_loss_weights "
+                               f"has no weight for it")
+            terms[name] = self.aux_loss_weights[name] * value.float()
+        return terms
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's update: grad scaler on CUDA, gradient clipping at 12."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        keys = [str(k) for k in batch["keys"]]
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.network(data, heads=True)
+            seg_loss = self.loss(output.seg, target)
+            terms = self.case_loss_terms(output, target, keys)
+            loss = seg_loss + sum(terms.values()) if terms else seg_loss
+        self._backward_and_step(loss)
+        result = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
+        result.update({f"{name}_loss": value.detach().cpu().numpy() for name, value in terms.items()})
+        return result
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        # nnU-Net's logger keeps a fixed set of keys, so the case-level terms go to the log file
+        outputs = collate_outputs(train_outputs)
+        parts = [f"{k} {np.mean(v):.4f}" for k, v in outputs.items() if k.endswith("_loss")]
+        if parts:
+            self.print_to_log_file("train terms (weighted): " + ", ".join(parts))
+
+    # ------------------------------------------------------------------ validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if not self.case_targets.has_classes or self.local_rank != 0:
+            return
+        from nnunet_liver_ext.inference.characterization import characterize_validation_cases
+        _, val_keys = self.do_split()
+        characterize_validation_cases(self, val_keys)

@@ -1,0 +1,148 @@
+"""STD-Net as a plain torch module: the network contract and the properties the paper relies on."""
+import pytest
+import torch
+from torch import nn
+
+from nnunet_liver_ext.networks.contract import NetworkOutput
+from nnunet_liver_ext.networks.std_net import STDNet
+
+
+def plans_kwargs(dim: int = 3, n_stages: int = 3, features=(8, 16, 32)) -> dict:
+    """arch_kwargs as nnU-Net's plans give them (imports resolved), small enough for the CPU."""
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dim == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    return dict(n_stages=n_stages, features_per_stage=list(features[:n_stages]), conv_op=conv,
+                kernel_sizes=[[3] * dim] * n_stages, strides=[[1] * dim] + [[2] * dim] * (n_stages - 1),
+                n_conv_per_stage=[1] * n_stages, n_conv_per_stage_decoder=[1] * (n_stages - 1), conv_bias=True,
+                norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
+                dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+
+
+def make(num_phases=3, dim=3, deep_supervision=False, num_case_classes=4, **kwargs) -> STDNet:
+    torch.manual_seed(0)
+    kwargs.setdefault("num_layers", 2)
+    kwargs.setdefault("num_heads", 4)
+    return STDNet(num_phases, 3, deep_supervision, num_case_classes=num_case_classes, **kwargs,
+                  **plans_kwargs(dim))
+
+
+SHAPE3D = (16, 32, 32)
+
+
+def test_shared_encoder_is_one_parameter_set_and_batched_equals_per_phase():
+    net = make().eval()
+    single = STDNet(1, 3, False, num_case_classes=4, num_layers=2, num_heads=4, **plans_kwargs())
+    assert sum(p.numel() for p in net.encoder.parameters()) == sum(p.numel() for p in single.encoder.parameters())
+    assert net.encoders is None
+    x = torch.randn(2, 3, *SHAPE3D)
+    with torch.no_grad():
+        batched = net._phase_skips(x)
+        for phase in range(3):
+            separate = net.encoder(x[:, phase:phase + 1])
+            for stage, feats in enumerate(separate):
+                torch.testing.assert_close(batched[stage][:, phase], feats, rtol=1e-5, atol=1e-5)
+
+
+def test_no_weight_sharing_has_one_encoder_per_phase():
+    shared, unshared = make(), make(share_encoder=False)
+    n_shared = sum(p.numel() for p in shared.encoder.parameters())
+    assert len(unshared.encoders) == 3
+    assert sum(p.numel() for p in unshared.encoders.parameters()) == 3 * n_shared
+
+
+@pytest.mark.parametrize("variant,order_matters", [
+    ({}, True), ({"temporal": "hybrid"}, True), ({"temporal": "convgru"}, True), ({"fusion": "early"}, True),
+    ({"share_encoder": False}, True), ({"temporal": "mean"}, False)])
+def test_phase_order_changes_the_class_output_except_without_temporal_modeler(variant, order_matters):
+    net = make(**variant).eval()
+    x = torch.randn(2, 3, *SHAPE3D)
+    with torch.no_grad():
+        a = net(x, heads=True).cls_logits
+        b = net(x[:, [2, 0, 1]], heads=True).cls_logits
+    if order_matters:
+        assert not torch.allclose(a, b, atol=1e-6), "permuting the phases did not change the class output"
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim,shape", [(3, SHAPE3D), (2, (32, 32))])
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_contract_2d_3d_deep_supervision(dim, shape, deep_supervision):
+    net = make(dim=dim, deep_supervision=deep_supervision)
+    x = torch.randn(2, 3, *shape)
+    seg = net(x)
+    out = net(x, heads=True)
+    assert isinstance(out, NetworkOutput)
+    if deep_supervision:
+        assert isinstance(seg, list) and len(seg) == 2
+        assert seg[0].shape == (2, 3, *shape)
+        assert seg[1].shape == (2, 3, *[s // 2 for s in shape])
+        assert out.seg_highres.shape == (2, 3, *shape)
+    else:
+        assert isinstance(seg, torch.Tensor) and seg.shape == (2, 3, *shape)
+    assert out.cls_logits.shape == (2, 4)
+    # nnU-Net toggles deep supervision through decoder.deep_supervision
+    net.decoder.deep_supervision = False
+    assert isinstance(net(x), torch.Tensor)
+
+
+def test_single_phase_input_works():
+    net = make(num_phases=1)
+    out = net(torch.randn(1, 1, *SHAPE3D), heads=True)
+    assert out.seg.shape == (1, 3, *SHAPE3D) and out.cls_logits.shape == (1, 4)
+
+
+def test_without_case_classes_there_is_no_head():
+    net = make(num_case_classes=0)
+    out = net(torch.randn(1, 3, *SHAPE3D), heads=True)
+    assert net.cls_head is None and out.cls_logits is None
+
+
+def test_gradients_reach_encoder_temporal_modeler_and_head():
+    net = make()
+    out = net(torch.randn(2, 3, *SHAPE3D), heads=True)
+    (out.seg.square().mean() + out.cls_logits.square().mean()).backward()
+
+    def grad_norm(module):
+        return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(net.encoder) > 0
+    assert grad_norm(net.temporal.layers) > 0
+    assert net.temporal.pos_embed.grad.abs().sum() > 0 and net.temporal.cls_token.grad.abs().sum() > 0
+    assert grad_norm(net.cls_head) > 0
+    assert grad_norm(net.decoder) > 0
+
+
+def test_reference_phase_decodes_from_that_phase_alone():
+    net = make(reference_phase=1).eval()
+    x = torch.randn(1, 3, *SHAPE3D)
+    y = x.clone()
+    y[:, 0] = torch.randn_like(y[:, 0])  # change a non-reference phase...
+    with torch.no_grad():
+        # ...T still mixes phases at the bottleneck, so only the skips are phase-1 alone: the outputs
+        # differ, but the highest-resolution skip fed to the decoder is phase 1's
+        skips_x, skips_y = net._phase_skips(x), net._phase_skips(y)
+        torch.testing.assert_close(net.phase_fusions[0](skips_x[0]), net.phase_fusions[0](skips_y[0]))
+
+
+def test_feature_map_size_grows_with_phases():
+    one, three = make(num_phases=1), make(num_phases=3)
+    assert three.compute_conv_feature_map_size(SHAPE3D) > one.compute_conv_feature_map_size(SHAPE3D) > 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temporal": "lstm"}, "temporal must be one of"),
+    ({"fusion": "late"}, "fusion must be one of"),
+    ({"channels_per_phase": 2}, "multiple of channels_per_phase"),
+    ({"num_heads": 5}, "divisible by num_heads"),
+    ({"reference_phase": 7}, "reference_phase must be in"),
+    ({"fusion": "early", "reference_phase": 0}, "reference_phase needs fusion='decoupled'"),
+    ({"num_case_classes": -1}, "num_case_classes must be >= 0"),
+])
+def test_bad_arguments_are_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_wrong_number_of_input_channels_is_a_clear_error():
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        make()(torch.randn(1, 2, *SHAPE3D))

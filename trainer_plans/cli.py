@@ -1,0 +1,42 @@
+"""``nnunet-liver plan``: our planners through nnU-Net's planning API."""
+from __future__ import annotations
+
+import argparse
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
+    from nnunetv2.utilities.dataset_name_id_conversion import (convert_dataset_name_to_id,
+                                                                 maybe_convert_to_dataset_name)
+
+    from nnunet_liver_ext.trainer_plans.planners import PRESETS
+
+    dataset_id = convert_dataset_name_to_id(maybe_convert_to_dataset_name(args.d))
+    planner = PRESETS[args.preset]
+    _, plans_name = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_target,
+                                            overwrite_plans_name=args.overwrite_plans_name)
+    print(f"Wrote plans '{plans_name}' for dataset {dataset_id}. Train with: "
+          f"nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr TRAINER -p {plans_name}")
+    if args.preprocess:
+        configurations = args.c or ["3d_fullres"]
+        preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
+    else:
+        print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="plan a dataset with one of our planners (nnU-Net's planning API)",
+        description="Runs nnU-Net's experiment planning with one of this package's planners and writes ordinary "
+                    "nnU-Net plans (use them with -p). The dataset needs nnU-Net's fingerprint first "
+                    "(nnUNetv2_plan_and_preprocess or nnUNetv2_extract_fingerprint).")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("--preset", default="cpu-demo", choices=["cpu-demo", "default"],
+                   help="cpu-demo: 8..64 features, one conv per stage, for 2-core CPUs (plans nnUNetPlans_CPUDemo)")
+    p.add_argument("--gpu-memory-target", type=float, default=None, help="VRAM target in GB (nnU-Net's default 8)")
+    p.add_argument("--overwrite-plans-name", default=None, help="name of the plans file to write")
+    p.add_argument("--preprocess", action="store_true", help="also run nnU-Net's preprocessing for these plans")
+    p.add_argument("-c", nargs="+", default=None, help="configurations to preprocess (default 3d_fullres)")
+    p.add_argument("-np", type=int, default=2, help="processes for preprocessing")
+    p.set_defaults(func=_plan)
