@@ -13,6 +13,7 @@ import sys
 from nnunet_liver_ext.paths import ext_trainer_export_line
 
 SUBCOMMAND_MODULES = (
+    "nnunet_liver_ext.phantom.cli",
     "nnunet_liver_ext.evaluation.cli",
     "nnunet_liver_ext.trainer_plans.cli",
     "nnunet_liver_ext.inference.cli",

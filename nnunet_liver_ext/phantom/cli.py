@@ -1,0 +1,181 @@
+"""`nnunet-liver phantom ...`: generate synthetic cases into nnU-Net raw or a source layout."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+LAYOUTS = {
+    "lits": "LiTS download layout (volume-i.nii / segmentation-i.nii, portal venous CT)",
+    "msd": "Medical Segmentation Decathlon Task03_Liver layout (portal venous CT)",
+    "atlas": "ATLAS 2023 layout (train/imagesTr/im{i}.nii.gz, portal venous MRI)",
+    "tcga-dicom": "TCGA-LIHC style multiphase CT DICOM, masks, classes.csv",
+    "dynamic-mri": "4-phase dynamic MRI NIfTI, masks, labels.csv with curves",
+}
+
+
+def _generation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--num-cases", type=int, default=20, help="number of (training) cases [20]")
+    g.add_argument("--modality", choices=("CT", "MRI"), default=None,
+                   help="CT or MRI [CT; MRI for atlas and dynamic-mri]")
+    g.add_argument("--phases", nargs="+", default=None, metavar="PHASE",
+                   help="phases in acquisition order; CT: pre_contrast arterial portal_venous delayed "
+                        "[arterial portal_venous delayed]; MRI: pre arterial portal_venous delay [all four]")
+    g.add_argument("--shape", nargs=3, type=int, default=(64, 192, 192), metavar=("Z", "Y", "X"),
+                   help="voxel grid (z, y, x) [64 192 192]")
+    g.add_argument("--seed", type=int, default=0, help="random seed; same seed and arguments give "
+                                                     "identical cases [0]")
+    g.add_argument("--prefix", default="phantom", help="case id prefix: PREFIX_000 ... [phantom]")
+    g.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                   help="lesion classes to draw from [HCC hemangioma metastasis cyst]")
+    g.add_argument("--lesions", nargs=2, type=int, default=(0, 4), metavar=("MIN", "MAX"),
+                   help="lesions per case [0 4]; with MIN 0, 15%% of cases have none")
+    g.add_argument("--lesion-size", nargs=2, type=float, default=(6.0, 60.0), metavar=("MIN", "MAX"),
+                   help="lesion diameter range in mm, clamped to what the liver holds [6 60]")
+    g.add_argument("--contrast", type=float, default=1.0,
+                   help="scale of lesion-to-liver contrast (lower is harder) [1.0]")
+    g.add_argument("--low-contrast-fraction", type=float, default=0.2,
+                   help="share of lesions drawn at 35-55%% contrast [0.2]")
+    g.add_argument("--noise", type=float, default=None,
+                   help="noise sigma: HU for CT [12], fraction of liver signal for MRI [0.04]")
+    g.add_argument("--blur", type=float, default=0.7, help="partial-volume blur sigma in mm [0.7]")
+    g.add_argument("--motion-mm", type=float, default=3.0, help="max rigid shift per phase in mm [3]")
+    g.add_argument("--motion-deg", type=float, default=2.0, help="max rotation per axis in degrees [2]")
+    g.add_argument("--inplane-spacing", nargs=2, type=float, default=(0.6, 1.0), metavar=("MIN", "MAX"),
+                   help="in-plane spacing range in mm [0.6 1.0]")
+    g.add_argument("--slice-spacing", nargs=2, type=float, default=(1.5, 5.0), metavar=("MIN", "MAX"),
+                   help="slice spacing range in mm [1.5 5.0]")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args):
+    from nnunet_liver_ext.phantom.config import LESION_CLASSES, PhantomConfig
+
+    return PhantomConfig(
+        modality=args.modality or "CT", phases=tuple(args.phases) if args.phases else None,
+        shape=tuple(args.shape), inplane_spacing_range=tuple(args.inplane_spacing),
+        slice_spacing_range=tuple(args.slice_spacing),
+        lesion_classes=tuple(args.classes) if args.classes else LESION_CLASSES,
+        n_lesions_range=tuple(args.lesions), lesion_diameter_range_mm=tuple(args.lesion_size),
+        contrast=args.contrast, noise_sigma=args.noise, blur_sigma_mm=args.blur,
+        motion_mm=args.motion_mm, motion_deg=args.motion_deg,
+        low_contrast_fraction=args.low_contrast_fraction)
+
+
+def _cases(args, config):
+    from nnunet_liver_ext.phantom.generator import generate_cases
+
+    if args.num_cases < 1:
+        raise ValueError(f"--num-cases must be >= 1, got {args.num_cases}")
+    n_test = getattr(args, "test", 0) or 0
+    if n_test < 0:
+        raise ValueError(f"--test must be >= 0, got {n_test}")
+    train = generate_cases(args.num_cases, config, args.seed, prefix=args.prefix, progress=not args.no_progress)
+    # Test cases continue the index sequence, so their ids never clash with training ids.
+    test = generate_cases(n_test, config, args.seed, prefix=args.prefix, progress=not args.no_progress,
+                          start=args.num_cases) if n_test else []
+    return train, test
+
+
+def _run(handler):
+    def wrapped(args) -> int:
+        start = time.time()
+        try:
+            out = handler(args)
+        except (ValueError, FileExistsError, TypeError) as err:
+            print(f"nnunet-liver phantom: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} ({time.time() - start:.1f} s)")
+        return 0
+    return wrapped
+
+
+def _nnunet_raw(args):
+    from nnunet_liver_ext.phantom.writers import write_nnunet_raw
+
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ValueError("no raw folder: pass --raw DIR or set nnUNet_raw")
+    config = _config(args)
+    train, test = _cases(args, config)
+    return write_nnunet_raw(Path(raw), args.dataset_id, args.name, train, test, mode=args.mode,
+                            overwrite=args.overwrite)
+
+
+def _layout(args):
+    from nnunet_liver_ext.phantom import writers
+
+    config = _config(args)
+    train, test = _cases(args, config)
+    out = Path(args.output)
+    if args.layout == "lits":
+        return writers.write_lits(out, train, test)
+    if args.layout == "msd":
+        return writers.write_msd_task03(out, train, test, apple_double=args.apple_double)
+    if args.layout == "atlas":
+        return writers.write_atlas(out, train)
+    if args.layout == "tcga-dicom":
+        return writers.write_tcga_dicom(out, train)
+    return writers.write_dynamic_mri(out, train, with_curves=not args.no_curves)
+
+
+def _preview(args):
+    from nnunet_liver_ext.phantom.generator import generate_case
+    from nnunet_liver_ext.phantom.preview import save_preview
+
+    config = _config(args)
+    case = generate_case(config, args.seed, args.index, f"{args.prefix}_{args.index:03d}")
+    return save_preview(case, args.output)
+
+
+def register(subparsers) -> None:
+    phantom = subparsers.add_parser(
+        "phantom", help="synthetic multiphase liver CT/MRI cases (demo data, test fixtures)",
+        description="Synthetic abdominal phantom: multiphase contrast-enhanced CT or dynamic MRI "
+                    "with liver, tumors (HCC, hemangioma, metastasis, cyst) whose class shows in "
+                    "the enhancement over the phases, per-phase rigid motion, anisotropic spacing.")
+    sub = phantom.add_subparsers(dest="phantom_command", metavar="LAYOUT")
+    # A fresh parent per subcommand: argparse shares parent actions, so a per-layout default
+    # (MRI for atlas) set on a shared parent would leak into every other subcommand.
+    gen = _generation_options
+
+    raw = sub.add_parser("nnunet-raw", parents=[gen()], help="write an nnU-Net raw dataset (phases as channels)",
+                         description="Generate cases straight into nnUNet_raw/DatasetXXX_NAME with "
+                                     "dataset.json phases, characterization and enhancement targets.")
+    raw.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    raw.add_argument("--name", required=True, help="dataset name (DatasetXXX_NAME)")
+    raw.add_argument("--test", type=int, default=0, help="extra test cases into imagesTs/labelsTs [0]")
+    raw.add_argument("--raw", default=None, help="nnU-Net raw folder [$nnUNet_raw]")
+    raw.add_argument("--mode", choices=("sequence", "channels"), default="sequence",
+                     help="sequence: dataset.json lists the phases (STD-Net, MTI-Net); channels: "
+                          "plain multichannel [sequence]")
+    raw.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    raw.set_defaults(func=_run(_nnunet_raw))
+
+    for layout, text in LAYOUTS.items():
+        p = sub.add_parser(layout, parents=[gen()], help=text, description=f"Write phantom cases in the {text}.")
+        p.add_argument("-o", "--output", required=True, help="output folder")
+        if layout in ("lits", "msd"):
+            p.add_argument("--test", type=int, default=0, help="extra unlabelled test volumes [0]")
+        if layout == "msd":
+            p.add_argument("--apple-double", action="store_true",
+                           help="also write the ._liver_N.nii.gz junk files of the real MSD tarball")
+        if layout == "dynamic-mri":
+            p.add_argument("--no-curves", action="store_true", help="labels.csv without curve columns")
+        p.set_defaults(func=_run(_layout), layout=layout)
+        if layout in ("atlas", "dynamic-mri"):
+            p.set_defaults(modality="MRI")
+
+    prev = sub.add_parser("preview", parents=[gen()], help="PNG montage of one case",
+                          description="Render one case: every phase (aligned and as acquired) with "
+                                      "label contours, a coronal slice and the enhancement curves.")
+    prev.add_argument("-o", "--output", required=True, help="PNG file to write")
+    prev.add_argument("--index", type=int, default=0, help="case index (with --seed) [0]")
+    prev.set_defaults(func=_run(_preview))
+
+    phantom.set_defaults(func=lambda args: (phantom.print_help(), 2)[1])

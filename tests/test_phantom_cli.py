@@ -1,0 +1,97 @@
+"""`nnunet-liver phantom` end to end, and nnU-Net's own integrity check on the raw output."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import argparse
+
+import pytest
+
+from nnunet_liver_ext import cli as package_cli
+from nnunet_liver_ext.phantom import cli as phantom_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--shape", "16", "48", "48", "--no-progress"]
+
+
+def main(argv):
+    """`nnunet-liver` with only the phantom subcommands, so these tests do not depend on the
+    other subsystems' modules; test_registered_in_the_package_cli checks the real wiring."""
+    parser = argparse.ArgumentParser(prog="nnunet-liver")
+    phantom_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def test_registered_in_the_package_cli():
+    assert "nnunet_liver_ext.phantom.cli" in package_cli.SUBCOMMAND_MODULES
+
+
+def test_help_lists_every_layout(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["phantom", "nnunet-raw", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--dataset-id", "--name", "--test", "--modality", "--phases", "--shape", "--seed",
+                   "--lesion-size", "--contrast", "--noise", "--motion-mm", "--motion-deg", "--raw"):
+        assert option in out
+    with pytest.raises(SystemExit):
+        main(["phantom", "--help"])
+    out = capsys.readouterr().out
+    for layout in ("nnunet-raw", "lits", "msd", "atlas", "tcga-dicom", "dynamic-mri", "preview"):
+        assert layout in out
+
+
+def test_nnunet_raw_from_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    assert main(["phantom", "nnunet-raw", "-d", "12", "--name", "Cli", "-n", "2", "--test", "1",
+                 "--seed", "3", "--motion-mm", "1", "--contrast", "0.8", *SMALL]) == 0
+    root = tmp_path / "Dataset012_Cli"
+    dataset = json.loads((root / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["phases"] == ["arterial", "portal_venous", "delayed"]
+    config = dataset["phantom"]["configs"][0]
+    assert config["motion_mm"] == 1.0 and config["contrast"] == 0.8 and config["shape"] == [16, 48, 48]
+    assert sorted(p.name for p in (root / "imagesTs").iterdir()) == [f"phantom_002_{k:04d}.nii.gz" for k in range(3)]
+    # An existing dataset is an error (exit code 2), not a silent overwrite.
+    assert main(["phantom", "nnunet-raw", "-d", "12", "--name", "Cli", "-n", "1", *SMALL]) == 2
+
+
+def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
+    assert main(["phantom", "lits", "-o", str(tmp_path), "--phases", "arterial", "delayed", *SMALL]) == 2
+    assert "portal_venous" in capsys.readouterr().err
+    assert main(["phantom", "atlas", "-o", str(tmp_path), "--modality", "CT", "-n", "1", *SMALL]) == 2
+    assert "MRI" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("lits", "volume-0.nii"), ("msd", "Task03_Liver/dataset.json"), ("atlas", "train/imagesTr/im0.nii.gz"),
+    ("tcga-dicom", "classes.csv"), ("dynamic-mri", "labels.csv"),
+])
+def test_source_layouts_from_the_cli(tmp_path, layout, expected):
+    assert main(["phantom", layout, "-o", str(tmp_path), "-n", "1", *SMALL]) == 0
+    assert (tmp_path / expected).is_file()
+
+
+def test_preview_png(tmp_path):
+    out = tmp_path / "case.png"
+    assert main(["phantom", "preview", "-o", str(out), "--shape", "24", "96", "96", "--seed", "1"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_raw_output_passes_nnunet_verify_dataset_integrity(tmp_path):
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "results"))
+    assert main(["phantom", "nnunet-raw", "-d", "981", "--name", "PhantomVerify", "-n", "4", "--test", "1",
+                 "--shape", "24", "64", "64", "--raw", env["nnUNet_raw"], "--no-progress"]) == 0
+    script = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
+    # -npfp 1: the fingerprint step otherwise starts 8 workers on a 2-core machine.
+    proc = subprocess.run([str(script), "-d", "981", "--verify_dataset_integrity", "-c", "3d_fullres",
+                           "-np", "1", "-npfp", "1"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plans = json.loads((tmp_path / "pre" / "Dataset981_PhantomVerify" / "nnUNetPlans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"] * 3
+    preprocessed = tmp_path / "pre" / "Dataset981_PhantomVerify" / "nnUNetPlans_3d_fullres"
+    assert sorted(p.name for p in preprocessed.glob("*_seg.b2nd")) == [f"phantom_{i:03d}_seg.b2nd" for i in range(4)]
