@@ -1,0 +1,115 @@
+"""STD-Net end to end through stock nnU-Net's console scripts, on tiny phantom cases, on the CPU.
+
+nnUNetv2_plan_and_preprocess -> nnunet-liver plan (CPU-demo plans) -> nnUNetv2_train -tr
+nnUNetTrainerSTDNet_tiny -> nnUNetv2_predict and nnunet-liver predict; then the checkpoint is
+rebuilt and reloaded the way nnU-Net's predictor does it.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_liver_ext.paths import TRAINERS_DIR
+from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
+
+BIN = Path(sys.executable).parent
+DATASET_ID = 911
+PLANS = "nnUNetPlans_CPUDemo"
+TRAINER = "nnUNetTrainerSTDNet_tiny"
+
+
+def run(cmd, env, cwd, **extra_env):
+    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=dict(env, **extra_env), cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ,
+               nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(TRAINERS_DIR),
+               # a 2-core machine: no pools of torch-importing workers
+               nnUNet_def_n_proc="1", nnUNet_compile="f")
+    config = PhantomConfig(shape=(24, 64, 64), n_lesions_range=(1, 2), lesion_diameter_range_mm=(10, 24),
+                           p_no_lesion=0.0)
+    cases = generate_cases(8, config, seed=3, progress=False)
+    dataset = write_nnunet_raw(root / "raw", DATASET_ID, "STDNetE2E", cases[:6], cases[6:])
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+         "--verify_dataset_integrity"], env, root)
+    run(["nnunet-liver", "plan", "-d", str(DATASET_ID), "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, root)
+    log = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
+              env, root, nnUNet_n_proc_DA="0")  # 0: in-process data loading (the planner needs >= 1)
+    model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
+    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
+
+
+def test_training_writes_checkpoint_validation_and_case_jsons(workspace):
+    fold = workspace["model"] / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    splits = json.loads((workspace["root"] / "pre" / workspace["dataset"].name / "splits_final.json").read_text())
+    val_cases = splits[0]["val"]
+    classes = json.loads((workspace["dataset"] / "dataset.json").read_text())["characterization"]["classes"]
+    for case in val_cases:
+        assert (fold / "validation" / f"{case}.nii.gz").is_file()
+        result = json.loads((fold / "validation" / f"{case}.json").read_text())
+        assert result["case"] == case and result["classes"] == classes
+        assert abs(sum(result["probabilities"]) - 1) < 1e-5
+        assert result["predicted_class"] == classes[result["predicted_index"]]
+    assert (fold / "validation" / "characterization.csv").is_file()
+    assert "Characterization on validation: accuracy" in workspace["train_log"]
+    assert "train terms (weighted): seg_loss" in workspace["train_log"]
+
+
+def _assert_same_geometry(prediction: Path, reference: Path):
+    pred, ref = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(reference))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("command", ["nnUNetv2_predict", "nnunet-liver"])
+def test_prediction_with_stock_and_characterization_predictor(workspace, command):
+    images = workspace["dataset"] / "imagesTs"
+    out = workspace["root"] / f"pred_{command}"
+    args = ["-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS,
+            "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    for case in cases:
+        _assert_same_geometry(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz")
+        has_json = (out / f"{case}.json").is_file()
+        assert has_json == (command == "nnunet-liver")
+    if command == "nnunet-liver":
+        rows = (out / "characterization.csv").read_text().strip().splitlines()
+        assert rows[0].startswith("case,predicted_class,prob_") and len(rows) == len(cases) + 1
+
+
+def test_checkpoint_rebuilds_and_reloads_with_its_heads(workspace):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    os.environ.setdefault("nnUNet_extTrainer", str(TRAINERS_DIR))
+    model = workspace["model"]
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    assert any(k.startswith("cls_head.") for k in checkpoint["network_weights"])
+    assert any(k.startswith("temporal.layers.") for k in checkpoint["network_weights"])
+    plans = PlansManager(json.loads((model / "plans.json").read_text()))
+    trainer_class = recursive_find_trainer_class_by_name(TRAINER)
+    network = trainer_class.build_network_architecture(plans, plans.get_configuration("3d_fullres"), 3, 3,
+                                                       enable_deep_supervision=False)
+    network.load_state_dict(checkpoint["network_weights"], strict=True)
+    patch = plans.get_configuration("3d_fullres").patch_size
+    out = network.eval()(torch.zeros(1, 3, *patch), heads=True)
+    assert out.cls_logits.shape == (1, len(plans.plans["nnunet_liver_ext"]["case_classes"]))
