@@ -14,6 +14,7 @@ from nnunet_liver_ext.paths import ext_trainer_export_line
 
 SUBCOMMAND_MODULES = (
     "nnunet_liver_ext.phantom.cli",
+    "nnunet_liver_ext.dataset_conversion.cli",
     "nnunet_liver_ext.evaluation.cli",
     "nnunet_liver_ext.trainer_plans.cli",
     "nnunet_liver_ext.inference.cli",

@@ -1,0 +1,789 @@
+"""Shared machinery of the dataset converters.
+
+Every converter follows the same path: discover the cases of a source (`CaseTask`), convert
+each case in a worker process into a temporary dataset folder, then write dataset.json and
+`conversion_report.json` and move the folder into place in one `os.replace`. A run that
+fails on bad input removes its temporary folder; an interrupted run (Ctrl-C, kill) leaves a
+hidden `.Dataset{ID}_{NAME}.partial` folder that the same command resumes from.
+
+Conventions: arrays are (z, y, x); spacing in this package is (z, y, x) mm, while
+SimpleITK's `GetSpacing()`/`GetOrigin()` are (x, y, z). Labels follow LiTS: 0 background,
+1 liver, 2 tumor.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+LABELS = {"background": 0, "liver": 1, "tumor": 2}
+# Same names and order as nnunet_liver_ext.phantom (checked by a test); duplicated so the
+# converters do not depend on the phantom package.
+CT_PHASES = ("pre_contrast", "arterial", "portal_venous", "delayed")
+MRI_PHASES = ("pre", "arterial", "portal_venous", "delay")
+REFERENCE_PHASE = "portal_venous"
+LESION_CLASSES = ("HCC", "hemangioma", "metastasis", "cyst")
+PHASE_MODES = ("as-channels", "sequence")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# --------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------
+class ConversionError(Exception):
+    """Bad input in one case. Always names the case and the offending file or folder.
+
+    `skippable` marks errors that `--skip-incomplete` turns into a skipped case (a missing
+    phase); every other error stops the conversion.
+    """
+
+    def __init__(self, message: str, case_id: str | None = None, path: str | os.PathLike | None = None,
+                 skippable: bool = False):
+        self.message = message
+        self.case_id = case_id
+        self.path = None if path is None else str(path)
+        self.skippable = skippable
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = []
+        if self.case_id is not None:
+            where.append(f"case {self.case_id!r}")
+        if self.path is not None:
+            where.append(f"file {self.path}")
+        return (", ".join(where) + ": " if where else "") + self.message
+
+    def __reduce__(self):
+        # Exceptions with keyword state must pickle explicitly to cross the worker boundary.
+        return (self.__class__, (self.message, self.case_id, self.path, self.skippable))
+
+
+class IncompleteCaseError(ConversionError):
+    """A case lacks a required phase; `--skip-incomplete` skips it instead of failing."""
+
+    def __init__(self, message: str, case_id: str | None = None, path=None, skippable: bool = True):
+        super().__init__(message, case_id, path, skippable=True)
+
+
+class ConversionFailed(RuntimeError):
+    """The conversion stopped; `errors` holds every case error that caused it."""
+
+    def __init__(self, errors: Sequence[ConversionError], header: str = "conversion failed"):
+        self.errors = list(errors)
+        lines = [f"{header} ({len(self.errors)} case error(s)); no dataset folder was written:"]
+        lines += [f"  - {e}" for e in self.errors]
+        super().__init__("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# cases and results
+# --------------------------------------------------------------------------------------
+@dataclass
+class CaseTask:
+    """One source case. `images` maps a phase name to its source (a file path, or for DICOM
+    a list of slice files); `label` is the source mask or None for unlabeled cases."""
+    case_id: str
+    split: str  # "train" | "test"
+    images: dict
+    label: str | None = None
+    case_class: str | None = None
+    curve: list | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    split: str
+    status: str  # "converted" | "skipped"
+    reason: str = ""
+    source: str = ""
+    phases: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    case_class: str | None = None
+    curve: list | None = None
+    registration: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+
+
+@dataclass
+class ConversionOptions:
+    """What every converter accepts. `phases_mode` is "as-channels" or "sequence";
+    `phase_subset` restricts (and orders by the source's canonical order) the phases that
+    become channels; `orient` is "keep" or a three-letter DICOM orientation code (e.g. "LPS")
+    that every output case is reoriented to."""
+    raw_root: str
+    dataset_id: int
+    name: str
+    overwrite: bool = False
+    skip_incomplete: bool = False
+    num_workers: int = 1
+    phases_mode: str = "as-channels"
+    phase_subset: tuple | None = None
+    phase_map: str | None = None
+    classes_csv: str | None = None
+    orient: str = "keep"
+    geometry_tolerance_vox: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.dataset_id, int) or not 0 < self.dataset_id < 1000:
+            raise ValueError(f"dataset id must be an integer in 1..999, got {self.dataset_id!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", self.name or ""):
+            raise ValueError(f"dataset name {self.name!r} must be letters, digits, '_' or '-' "
+                             f"(it becomes the folder name Dataset{self.dataset_id:03d}_NAME)")
+        if self.phases_mode not in PHASE_MODES:
+            raise ValueError(f"phases mode must be one of {PHASE_MODES}, got {self.phases_mode!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"number of workers must be >= 1, got {self.num_workers}")
+        if self.orient != "keep" and not re.fullmatch(r"[LRAPSI]{3}", self.orient):
+            raise ValueError(f"orient must be 'keep' or a code such as 'LPS'/'RAS', got {self.orient!r}")
+        if self.geometry_tolerance_vox < 0:
+            raise ValueError("geometry tolerance must be >= 0 voxels")
+        if self.phase_subset is not None:
+            self.phase_subset = tuple(self.phase_subset)
+            if len(self.phase_subset) == 0 or len(set(self.phase_subset)) != len(self.phase_subset):
+                raise ValueError(f"phase subset must be non-empty without repeats, got {self.phase_subset}")
+
+
+def select_phases(available: Sequence[str], subset: Sequence[str] | None, source: str) -> list[str]:
+    """Channel order: the source's canonical phase order restricted to `subset`."""
+    if subset is None:
+        return list(available)
+    unknown = [p for p in subset if p not in available]
+    if unknown:
+        raise ValueError(f"{source}: unknown phase(s) {unknown} in the phase subset; "
+                         f"this source has {list(available)}")
+    return [p for p in available if p in subset]
+
+
+# --------------------------------------------------------------------------------------
+# image I/O, geometry, labels
+# --------------------------------------------------------------------------------------
+def strip_nifti_suffix(name: str) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def is_junk_file(name: str) -> bool:
+    """macOS AppleDouble files (`._x.nii.gz`) and hidden files ship inside real tarballs."""
+    return name.startswith(".") or name.startswith("_")
+
+
+def read_image(path: str | os.PathLike, case_id: str) -> sitk.Image:
+    """Read a 3D image; any failure becomes a ConversionError naming the case and file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConversionError("file does not exist", case_id, path)
+    if os.path.getsize(path) == 0:
+        raise ConversionError("file is empty (0 bytes)", case_id, path)
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise ConversionError(f"unreadable image ({first_line})", case_id, path) from None
+    if image.GetDimension() != 3:
+        raise ConversionError(f"expected a 3D image, got {image.GetDimension()}D "
+                              f"(size {image.GetSize()})", case_id, path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ConversionError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
+                              f"components per voxel", case_id, path)
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def orientation_code(image: sitk.Image) -> str:
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image: sitk.Image, code: str) -> sitk.Image:
+    """Permute/flip axes so the image has orientation `code`; voxel values are untouched."""
+    if orientation_code(image) == code:
+        return image
+    return sitk.DICOMOrient(image, code)
+
+
+def _grid_corners(image: sitk.Image) -> np.ndarray:
+    size = np.array(image.GetSize())
+    corners = []
+    for ix in (0, size[0] - 1):
+        for iy in (0, size[1] - 1):
+            for iz in (0, size[2] - 1):
+                corners.append(image.TransformContinuousIndexToPhysicalPoint((float(ix), float(iy), float(iz))))
+    return np.array(corners)
+
+
+def geometry_offset_vox(reference: sitk.Image, other: sitk.Image) -> float:
+    """Largest distance, in voxels of `reference` (per axis), between the grid corners of the
+    two images. Corners are matched by orientation-independent sorting so that two grids
+    covering the same box in different storage orders compare as equal."""
+    ref_corners = _grid_corners(reference)
+    other_corners = _grid_corners(other)
+    # Sort corners lexicographically by physical position: the set of corners of a box is
+    # the same whatever the axis order/flips of the storage.
+    key = lambda c: np.lexsort(np.round(c, 3).T[::-1])
+    ref_sorted = ref_corners[key(ref_corners)]
+    other_sorted = other_corners[key(other_corners)]
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    spacing = np.array(reference.GetSpacing())
+    diff_index = (direction.T @ (other_sorted - ref_sorted).T).T / spacing
+    return float(np.abs(diff_index).max())
+
+
+def resample_to(image: sitk.Image, reference: sitk.Image, interpolator=sitk.sitkNearestNeighbor,
+                transform: sitk.Transform | None = None, default_value: float = 0.0,
+                pixel_type=None) -> sitk.Image:
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, default_value,
+                         image.GetPixelID() if pixel_type is None else pixel_type)
+
+
+def match_label_to_image(label: sitk.Image, image: sitk.Image, case_id: str, label_path: str,
+                         tol_vox: float = 1.0) -> tuple[sitk.Image, list[str]]:
+    """Bring `label` onto `image`'s voxel grid.
+
+    - Same grid (up to 1e-3 voxel of header rounding): the image's geometry is copied.
+    - Same box stored in another orientation: reoriented exactly (no interpolation).
+    - Grids whose corners differ by <= `tol_vox` voxels: nearest-neighbour resampling, with a
+      warning. Beyond: ConversionError naming both geometries.
+    Returns (label on the image grid, warnings).
+    """
+    notes = []
+    label_code, image_code = orientation_code(label), orientation_code(image)
+    if label_code != image_code:
+        label = reorient(label, image_code)
+        notes.append(f"label orientation {label_code} differs from the image's {image_code}; "
+                     f"reoriented without interpolation")
+    if label.GetSize() == image.GetSize() and geometry_offset_vox(image, label) <= 1e-3 \
+            and np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-4):
+        label = sitk.Image(label)
+        label.CopyInformation(image)
+        return label, notes
+    offset = geometry_offset_vox(image, label)
+    direction_diff = float(np.abs(np.array(label.GetDirection()) - np.array(image.GetDirection())).max())
+    description = (f"label grid size {label.GetSize()} spacing {_fmt(label.GetSpacing())} origin "
+                   f"{_fmt(label.GetOrigin())} vs image size {image.GetSize()} spacing "
+                   f"{_fmt(image.GetSpacing())} origin {_fmt(image.GetOrigin())} (x, y, z)")
+    if offset > tol_vox or direction_diff > 1e-2:
+        raise ConversionError(f"image/label geometry mismatch beyond tolerance: grids differ by "
+                              f"{offset:.2f} voxels (tolerance {tol_vox}); {description}", case_id, label_path)
+    notes.append(f"label geometry differs from the image by {offset:.2f} voxels (within tolerance "
+                 f"{tol_vox}); resampled with nearest neighbour. {description}")
+    warnings.warn(f"case {case_id!r}, file {label_path}: {notes[-1]}", stacklevel=2)
+    return resample_to(label, image, sitk.sitkNearestNeighbor), notes
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def check_label_values(label: sitk.Image, case_id: str, path: str,
+                       allowed: Iterable[int] = tuple(LABELS.values())) -> sitk.Image:
+    """Labels must be integers from the schema; returns the label as uint8.
+
+    Float labels are accepted when every value is an integer (some tools save masks as
+    float); anything else names the unexpected values and their voxel counts."""
+    array = sitk.GetArrayViewFromImage(label)
+    allowed = sorted(int(a) for a in allowed)
+    values, counts = np.unique(array, return_counts=True)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise ConversionError("label contains NaN or infinite values", case_id, path)
+        non_integer = values[np.abs(values - np.round(values)) > 1e-3]
+        if non_integer.size:
+            raise ConversionError(f"label has non-integer values {non_integer[:5].tolist()}; "
+                                  f"expected {allowed}", case_id, path)
+    bad = [(v, c) for v, c in zip(values, counts) if int(round(float(v))) not in allowed]
+    if bad:
+        listed = ", ".join(f"{float(v):g} ({c} voxels)" for v, c in bad[:8])
+        raise ConversionError(f"label values outside the schema {allowed} "
+                              f"{{background: 0, liver: 1, tumor: 2}}: {listed}", case_id, path)
+    out = sitk.GetImageFromArray(np.round(array).astype(np.uint8))
+    out.CopyInformation(label)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# dataset.json, classes, curves
+# --------------------------------------------------------------------------------------
+def normalise_class_name(name: str | None) -> str | None:
+    """Case-insensitive match against the known lesion classes; other names are kept."""
+    name = (name or "").strip()
+    if not name or name.lower() in ("none", "nan", "na", "n/a"):
+        return None
+    for known in LESION_CLASSES:
+        if known.lower() == name.lower():
+            return known
+    return name
+
+
+def read_case_table(csv_path: str | os.PathLike, id_columns: Sequence[str], curve_columns: Sequence[str] = ()
+                    ) -> dict[str, dict]:
+    """`_read_case_table`, with its errors raised as ConversionFailed (it runs before any case)."""
+    try:
+        return _read_case_table(csv_path, id_columns, curve_columns)
+    except ConversionError as e:
+        raise ConversionFailed([e], "bad case table") from None
+
+
+def _read_case_table(csv_path: str | os.PathLike, id_columns: Sequence[str], curve_columns: Sequence[str] = ()
+                     ) -> dict[str, dict]:
+    """Read a per-case CSV: {case_id: {"class": name or None, "curve": [floats] or None}}.
+
+    `id_columns` are accepted names of the id column (first match wins); the class column is
+    `class`. The curve is read only when every column of `curve_columns` exists; an empty
+    cell in a row means that case has no curve."""
+    csv_path = str(csv_path)
+    if not os.path.isfile(csv_path):
+        raise ConversionError("case table (CSV) does not exist", None, csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        id_column = next((c for c in id_columns if c in columns), None)
+        if id_column is None:
+            raise ConversionError(f"CSV needs an id column named one of {list(id_columns)}; "
+                                  f"found columns {columns}", None, csv_path)
+        if "class" not in columns:
+            raise ConversionError(f"CSV needs a 'class' column; found columns {columns}", None, csv_path)
+        has_curves = bool(curve_columns) and all(c in columns for c in curve_columns)
+        table = {}
+        for row_number, row in enumerate(reader, start=2):
+            case_id = (row.get(id_column) or "").strip()
+            if not case_id:
+                continue
+            if case_id in table:
+                raise ConversionError(f"duplicate case id in the case table (row {row_number})", case_id, csv_path)
+            curve = None
+            if has_curves:
+                cells = [(row.get(c) or "").strip() for c in curve_columns]
+                if all(cells):
+                    try:
+                        curve = [float(c) for c in cells]
+                    except ValueError:
+                        raise ConversionError(f"non-numeric enhancement value in row {row_number}: {cells}",
+                                              case_id, csv_path) from None
+            table[case_id] = {"class": normalise_class_name(row.get("class")),
+                              "curve": curve}
+    return table
+
+
+def ordered_classes(names: Iterable[str]) -> list[str]:
+    """Known lesion classes in their fixed order, then any other names alphabetically."""
+    names = set(n for n in names if n)
+    return [c for c in LESION_CLASSES if c in names] + sorted(names - set(LESION_CLASSES))
+
+
+def build_dataset_json(name: str, channel_names: Sequence[str], num_training: int, *,
+                       phases: Sequence[str] | None = None, labels: dict | None = None,
+                       characterization: dict | None = None, enhancement: dict | None = None,
+                       description: str = "", extra: dict | None = None) -> dict:
+    """nnU-Net v2 dataset.json plus our optional keys (DESIGN.md, "Multiphase data")."""
+    dataset_json = {
+        "name": name,
+        "description": description,
+        "channel_names": {str(i): c for i, c in enumerate(channel_names)},
+        "labels": dict(labels or LABELS),
+        "numTraining": int(num_training),
+        "file_ending": ".nii.gz",
+    }
+    if phases is not None:
+        dataset_json["phases"] = list(phases)
+    if characterization is not None:
+        dataset_json["characterization"] = characterization
+    if enhancement:
+        dataset_json["enhancement"] = enhancement
+    if extra:
+        dataset_json.update(extra)
+    return dataset_json
+
+
+def case_targets(results: Sequence[CaseResult]) -> tuple[dict | None, dict | None]:
+    """characterization and enhancement entries from the converted training cases."""
+    train = [r for r in results if r.status == "converted" and r.split == "train"]
+    classes = ordered_classes(r.case_class for r in train)
+    characterization = None
+    if classes:
+        characterization = {"classes": classes,
+                            "cases": {r.case_id: classes.index(r.case_class) for r in sorted(train, key=lambda r: r.case_id)
+                                      if r.case_class is not None}}
+    enhancement = {r.case_id: [float(v) for v in r.curve] for r in sorted(train, key=lambda r: r.case_id)
+                   if r.curve is not None}
+    return characterization, (enhancement or None)
+
+
+def tumor_curve(phase_images: Sequence[sitk.Image], label: sitk.Image) -> list[float] | None:
+    """Mean intensity of each (registered) phase over the tumor voxels (label 2); None
+    without tumor."""
+    tumor = sitk.GetArrayViewFromImage(label) == LABELS["tumor"]
+    if not tumor.any():
+        return None
+    return [float(sitk.GetArrayViewFromImage(img)[tumor].mean()) for img in phase_images]
+
+
+# --------------------------------------------------------------------------------------
+# atomic dataset folder
+# --------------------------------------------------------------------------------------
+def default_raw_root() -> str:
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ValueError("no output root: pass --raw DIR or set the nnUNet_raw environment variable")
+    return raw
+
+
+def existing_datasets(raw_root: str | os.PathLike, dataset_id: int) -> list[Path]:
+    prefix = f"Dataset{dataset_id:03d}_"
+    root = Path(raw_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+
+class AtomicDataset:
+    """A dataset folder that appears in nnUNet_raw only once it is complete.
+
+    Cases are written into `nnUNet_raw/.Dataset{ID}_{NAME}.partial/` (hidden, so nnU-Net's
+    dataset-id lookup never sees it; on the same file system so the final move is a single
+    `os.replace`). Each finished case leaves a marker in `.done/` with a fingerprint of its
+    sources and the options, which lets the same command resume after an interruption.
+    """
+
+    def __init__(self, options: ConversionOptions, fingerprint: dict):
+        self.options = options
+        self.root = Path(options.raw_root)
+        self.final = self.root / f"Dataset{options.dataset_id:03d}_{options.name}"
+        self.tmp = self.root / f".Dataset{options.dataset_id:03d}_{options.name}.partial"
+        self.fingerprint = fingerprint
+        self.resumed_cases: dict[str, CaseResult] = {}
+
+    def check_target(self) -> None:
+        taken = existing_datasets(self.root, self.options.dataset_id)
+        if taken and not self.options.overwrite:
+            raise FileExistsError(f"dataset id {self.options.dataset_id} is taken by "
+                                  f"{', '.join(str(t) for t in taken)}; pass --overwrite to replace it "
+                                  f"or choose another id")
+
+    def open(self) -> None:
+        self.check_target()
+        self.root.mkdir(parents=True, exist_ok=True)
+        state_file = self.tmp / ".conversion_state.json"
+        if self.tmp.exists():
+            state = _load_json_or_none(state_file)
+            if state is not None and state.get("fingerprint") == self.fingerprint:
+                for marker in (self.tmp / ".done").glob("*.json"):
+                    data = _load_json_or_none(marker)
+                    if data is not None:
+                        self.resumed_cases[data["case_id"]] = CaseResult(**data)
+            else:
+                shutil.rmtree(self.tmp)
+        for sub in ("imagesTr", "labelsTr", "imagesTs", ".done"):
+            (self.tmp / sub).mkdir(parents=True, exist_ok=True)
+        _write_json(state_file, {"fingerprint": self.fingerprint})
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self, dataset_json: dict, report: dict) -> Path:
+        if not any((self.tmp / "imagesTs").iterdir()):
+            (self.tmp / "imagesTs").rmdir()
+        _write_json(self.tmp / "dataset.json", dataset_json)
+        _write_json(self.tmp / "conversion_report.json", report)
+        shutil.rmtree(self.tmp / ".done")
+        (self.tmp / ".conversion_state.json").unlink()
+        # Re-check right before the move: another run may have claimed the id meanwhile.
+        taken = existing_datasets(self.root, self.options.dataset_id)
+        if taken and not self.options.overwrite:
+            self.check_target()
+        trash = []
+        for old in taken:
+            moved = old.with_name(f".{old.name}.replaced-{os.getpid()}")
+            os.replace(old, moved)
+            trash.append(moved)
+        os.replace(self.tmp, self.final)
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
+        return self.final
+
+    def mark_done(self, result: CaseResult) -> None:
+        _write_json(self.tmp / ".done" / f"{result.case_id}.json", asdict(result))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _load_json_or_none(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def source_fingerprint(tasks: Sequence[CaseTask], options: ConversionOptions, converter: str) -> dict:
+    """Identifies a run for resuming: converter, options that shape the output, and each
+    source file's size and mtime."""
+    digest = hashlib.sha256()
+    for task in sorted(tasks, key=lambda t: t.case_id):
+        files = []
+        for value in list(task.images.values()) + [task.label]:
+            files += value if isinstance(value, list) else [value]
+        for f in sorted(str(x) for x in files if x):
+            try:
+                st = os.stat(f)
+                digest.update(f"{task.case_id}|{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{task.case_id}|{f}|missing\n".encode())
+    shaping = {k: v for k, v in asdict(options).items() if k not in ("num_workers", "progress", "overwrite")}
+    return {"converter": converter, "options": json.loads(json.dumps(shaping, default=str)),
+            "sources": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------
+# running the cases
+# --------------------------------------------------------------------------------------
+def _run_one(args) -> CaseResult | ConversionError:
+    worker, task, out_dir, options = args
+    try:
+        return worker(task, out_dir, options)
+    except ConversionError as e:
+        return e
+    except Exception as e:  # noqa: BLE001 - any crash in a case must still name that case
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return ConversionError(f"unexpected error while converting: {tb}", task.case_id,
+                               _first_source(task))
+
+
+def _first_source(task: CaseTask) -> str | None:
+    for value in task.images.values():
+        if isinstance(value, list):
+            return os.path.dirname(value[0]) if value else None
+        return value
+    return task.label
+
+
+def check_unique_case_ids(tasks: Sequence[CaseTask], source_of: Callable[[CaseTask], str]) -> None:
+    seen: dict[str, CaseTask] = {}
+    errors = []
+    for task in tasks:
+        if task.case_id in seen:
+            errors.append(ConversionError(f"duplicate case id: found in {source_of(seen[task.case_id])} "
+                                          f"and in {source_of(task)}", task.case_id, source_of(task)))
+        else:
+            seen[task.case_id] = task
+    if errors:
+        raise ConversionFailed(errors, "duplicate case ids in the source")
+
+
+def run_conversion(converter: str, tasks: Sequence[CaseTask], worker: Callable, options: ConversionOptions,
+                   make_dataset_json: Callable[[list[CaseResult]], dict],
+                   discovery_skips: Sequence[CaseResult] = (), print_table: bool = True) -> Path:
+    """Convert `tasks` with `worker(task, out_dir, options) -> CaseResult` into the atomic
+    dataset folder, then write dataset.json (from `make_dataset_json(results)`) and the report.
+
+    Raises ConversionFailed (listing every failing case) without leaving a dataset folder.
+    """
+    dataset = AtomicDataset(options, source_fingerprint(tasks, options, converter))
+    dataset.open()
+    started = time.time()
+    results: list[CaseResult] = []
+    errors: list[ConversionError] = []
+    todo = []
+    for task in tasks:
+        if task.case_id in dataset.resumed_cases:
+            results.append(dataset.resumed_cases[task.case_id])
+        else:
+            todo.append(task)
+    try:
+        jobs = [(worker, task, str(dataset.tmp), options) for task in todo]
+        for outcome in _imap(_run_one, jobs, options.num_workers, options.progress, f"convert {converter}"):
+            if isinstance(outcome, ConversionError):
+                if outcome.skippable and options.skip_incomplete:
+                    results.append(CaseResult(outcome.case_id, _split_of(todo, outcome.case_id), "skipped",
+                                              reason=str(outcome), source=outcome.path or ""))
+                else:
+                    errors.append(outcome)
+            else:
+                results.append(outcome)
+                dataset.mark_done(outcome)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished cases are kept in {dataset.tmp}. Re-run the same command to resume.",
+              file=sys.stderr)
+        raise
+    except BaseException:
+        dataset.discard()
+        raise
+    results += list(discovery_skips)
+    if errors:
+        dataset.discard()
+        raise ConversionFailed(sorted(errors, key=lambda e: str(e.case_id)))
+    converted_train = [r for r in results if r.status == "converted" and r.split == "train"]
+    if not converted_train:
+        dataset.discard()
+        raise ConversionFailed([ConversionError("no training case was converted", None, None)],
+                               "nothing to write")
+    results.sort(key=lambda r: (r.split != "train", r.case_id))
+    try:
+        dataset_json = make_dataset_json(results)
+        report = build_report(converter, options, results, time.time() - started)
+        final = dataset.commit(dataset_json, report)
+    except BaseException:
+        dataset.discard()
+        raise
+    if print_table:
+        print(format_report_table(report))
+        print(f"wrote {final}")
+    return final
+
+
+def _split_of(tasks: Sequence[CaseTask], case_id: str) -> str:
+    return next((t.split for t in tasks if t.case_id == case_id), "train")
+
+
+def _imap(fn, jobs: list, num_workers: int, progress: bool, desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, file=sys.stderr)
+    try:
+        if num_workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield fn(job)
+                bar.update()
+        else:
+            # spawn like nnU-Net: forking a process that holds SimpleITK/ITK thread pools is unsafe
+            with multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
+                for outcome in pool.imap_unordered(fn, jobs):
+                    yield outcome
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def build_report(converter: str, options: ConversionOptions, results: Sequence[CaseResult], seconds: float) -> dict:
+    converted = [r for r in results if r.status == "converted"]
+    skipped = [r for r in results if r.status == "skipped"]
+    return {
+        "converter": converter,
+        "dataset": f"Dataset{options.dataset_id:03d}_{options.name}",
+        "options": json.loads(json.dumps(asdict(options), default=str)),
+        "num_converted": {"train": sum(r.split == "train" for r in converted),
+                          "test": sum(r.split == "test" for r in converted)},
+        "num_skipped": len(skipped),
+        "seconds": round(seconds, 2),
+        "cases": [asdict(r) for r in results],
+    }
+
+
+def format_report_table(report: dict) -> str:
+    """Plain-text table: one row per case with status, phases, worst registration residual
+    (where measured) and the reason for skips / first warning."""
+    rows = [("case", "split", "status", "phases", "registration", "note")]
+    for case in report["cases"]:
+        reg = case.get("registration") or {}
+        reg_text = ""
+        if reg:
+            per_phase = {p: v for p, v in reg.items() if isinstance(v, dict) and "metric_after" in v}
+            reg_text = " ".join(
+                f"{p[:3]} MI {v['metric_before']:.2f}->{v['metric_after']:.2f}"
+                + (f" res {v['residual_vs_truth_vox']['max_vox']:.2f}vx" if "residual_vs_truth_vox" in v else "")
+                for p, v in per_phase.items())
+        note = case.get("reason") or (case.get("warnings") or [""])[0]
+        rows.append((case["case_id"], case["split"], case["status"], ",".join(case.get("phases") or []),
+                     reg_text, note[:90]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n = report["num_converted"]
+    lines.append(f"{report['dataset']}: converted {n['train']} training and {n['test']} test case(s), "
+                 f"skipped {report['num_skipped']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# per-case writing shared by the converters
+# --------------------------------------------------------------------------------------
+def check_image_values(image: sitk.Image, case_id: str, path: str) -> None:
+    """nnU-Net refuses NaN voxels at verification time; fail here, naming the file."""
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise ConversionError(f"image contains {int((~np.isfinite(array)).sum())} NaN/infinite voxels",
+                              case_id, path)
+
+
+def output_paths(out_dir: str, case_id: str, split: str, num_channels: int) -> tuple[list[str], str | None]:
+    images_folder = "imagesTr" if split == "train" else "imagesTs"
+    images = [os.path.join(out_dir, images_folder, f"{case_id}_{k:04d}.nii.gz") for k in range(num_channels)]
+    label = os.path.join(out_dir, "labelsTr", f"{case_id}.nii.gz") if split == "train" else None
+    return images, label
+
+
+def write_case(out_dir: str, case_id: str, split: str, channels: Sequence[sitk.Image],
+               label: sitk.Image | None, orient: str) -> list[str]:
+    """Write the channels (all on one grid) and the label; reorients first unless `orient`
+    is "keep". Returns the written paths relative to the dataset folder."""
+    if orient != "keep":
+        channels = [reorient(c, orient) for c in channels]
+        label = None if label is None else reorient(label, orient)
+    image_paths, label_path = output_paths(out_dir, case_id, split, len(channels))
+    for channel, path in zip(channels, image_paths):
+        write_image(channel, path)
+    written = image_paths
+    if split == "train":
+        if label is None:
+            raise ConversionError("training case has no label", case_id, None)
+        write_image(label, label_path)
+        written = written + [label_path]
+    return [os.path.relpath(p, out_dir) for p in written]
+
+
+def convert_single_image_case(task: CaseTask, out_dir: str, options: ConversionOptions) -> CaseResult:
+    """Worker for single-phase sources (LiTS, MSD, ATLAS): `task.images` holds one phase,
+    `task.extra["labels"]` optionally the allowed label values (default 0/1/2)."""
+    (phase, image_path), = task.images.items()
+    image = read_image(image_path, task.case_id)
+    check_image_values(image, task.case_id, image_path)
+    notes = []
+    label = None
+    if task.split == "train":
+        if task.label is None:
+            raise IncompleteCaseError("training image without a segmentation", task.case_id, image_path)
+        label = read_image(task.label, task.case_id)
+        label = check_label_values(label, task.case_id, task.label,
+                                   task.extra.get("labels", tuple(LABELS.values())))
+        label, notes = match_label_to_image(label, image, task.case_id, task.label, options.geometry_tolerance_vox)
+    outputs = write_case(out_dir, task.case_id, task.split, [image], label, options.orient)
+    return CaseResult(task.case_id, task.split, "converted", source=str(image_path), phases=[phase],
+                      warnings=notes, case_class=task.case_class, curve=task.curve, outputs=outputs)
+
+
+def single_phase_dataset_json(name: str, channel_name: str, phase: str, options: ConversionOptions,
+                              description: str, labels: dict | None = None, extra: dict | None = None):
+    """dataset.json factory for single-phase sources (used as `make_dataset_json`)."""
+    def make(results: list[CaseResult]) -> dict:
+        n_train = sum(r.status == "converted" and r.split == "train" for r in results)
+        characterization, enhancement = case_targets(results)
+        return build_dataset_json(name, [channel_name], n_train,
+                                  phases=[phase] if options.phases_mode == "sequence" else None,
+                                  labels=labels, characterization=characterization, enhancement=enhancement,
+                                  description=description, extra=extra)
+    return make

@@ -1,0 +1,390 @@
+"""TCGA-LIHC multiphase CT (DICOM, as downloaded from TCIA) -> nnU-Net raw dataset.
+
+Source layout: `SRC/{patient}/{study}/{series}/*.dcm` (one folder per patient, any depth,
+one or more series per folder), masks `SRC/masks/{patient}.nii[.gz]` (0/1/2 in the portal-
+venous frame; else a DICOM-SEG series in the patient folder on the portal-venous grid; patients
+without either go to imagesTs) and `SRC/classes.csv`
+(`patient_id,class`). Series are split by SeriesInstanceUID (GDCM), their phase read from
+SeriesDescription keywords (case-insensitive, whole words: "AP" matches "AP 5mm" but not
+"CAPSULE"), overridable with a JSON mapping {"description or SeriesInstanceUID": "phase"}
+(global) or {"patient": {...}} (per patient); a value "ignore" drops a series. Phases are
+checked against acquisition-time order, registered to the portal-venous series and
+resampled onto its grid. Channels are named "CT".
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_liver_ext.dataset_conversion.common import (
+    CT_PHASES, REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions, IncompleteCaseError,
+    is_junk_file, read_case_table, read_image, run_conversion, select_phases, strip_nifti_suffix)
+from nnunet_liver_ext.dataset_conversion.multiphase import multiphase_dataset_json, register_and_write
+from nnunet_liver_ext.dataset_conversion.registration import (euler_from_motion, resample_onto, residual_vs_truth,
+                                                              transform_from_summary)
+
+_L = r"(?<![a-z])"  # letter boundaries: "AP5mm" is arterial, "CAPSULE" is not
+_R = r"(?![a-z])"
+PHASE_KEYWORDS = {
+    "pre_contrast": [r"pre", r"pre[- ]?contrast", r"non[- ]?contrast", r"nc", r"unenhanced", r"native",
+                     r"plain", r"w/?o contrast", r"without contrast"],
+    "arterial": [r"arterial", r"art", r"ap", r"hap", r"lap", r"eap"],
+    "portal_venous": [r"portal", r"venous", r"pv", r"pvp", r"portovenous", r"port ven"],
+    "delayed": [r"delayed", r"delay", r"equilibrium", r"equil", r"eq", r"\d+ ?min"],
+}
+_PHASE_REGEX = {phase: re.compile("|".join(f"{_L}{k}{_R}" for k in words), re.IGNORECASE)
+                for phase, words in PHASE_KEYWORDS.items()}
+IMAGE_MODALITIES = ("CT",)
+
+
+def phase_from_description(description: str) -> str | None:
+    """The one CT phase whose keywords occur in `description`, else None (none or several).
+    "portal venous" names one phase although two keywords of it match."""
+    hits = [phase for phase, regex in _PHASE_REGEX.items() if regex.search(description or "")]
+    # "Non-contrast arterial" style descriptions name two phases: refuse to guess
+    return hits[0] if len(hits) == 1 else None
+
+
+@dataclass
+class SeriesInfo:
+    uid: str
+    folder: str
+    files: list
+    description: str
+    modality: str
+    time_s: float | None
+    phase: str | None = None
+    how: str = ""
+
+
+def _time_seconds(value) -> float | None:
+    text = str(value or "").strip()
+    match = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d+)?", text)
+    if not match:
+        return None
+    h, m, s, frac = match.groups()
+    return int(h) * 3600 + int(m or 0) * 60 + int(s or 0) + float(frac or 0)
+
+
+def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
+    """All DICOM series under `patient_dir`, split by SeriesInstanceUID. Folders that hold
+    files but no readable series, and empty leaf folders, are errors."""
+    import pydicom
+
+    series = []
+    for folder, subdirs, files in sorted(os.walk(patient_dir)):
+        subdirs[:] = sorted(d for d in subdirs if not is_junk_file(d))
+        files = [f for f in files if not is_junk_file(f)]
+        if not files:
+            if not subdirs:
+                raise ConversionError("empty DICOM series folder (no files)", case_id, folder)
+            continue
+        empty = [f for f in files if os.path.getsize(os.path.join(folder, f)) == 0]
+        if empty:
+            raise ConversionError(f"empty DICOM file(s) ({len(empty)} of {len(files)}), e.g. {empty[0]}",
+                                  case_id, os.path.join(folder, empty[0]))
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+        if not uids:
+            raise ConversionError(f"no readable DICOM series among {len(files)} file(s)", case_id, folder)
+        listed = set()
+        for uid in uids:
+            names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            listed.update(os.path.basename(n) for n in names)
+            try:
+                header = pydicom.dcmread(names[0], stop_before_pixels=True)
+            except Exception as e:  # noqa: BLE001 - pydicom raises several types for broken files
+                raise ConversionError(f"unreadable DICOM header ({e})", case_id, names[0]) from None
+            time_s = None
+            for tag in ("AcquisitionTime", "SeriesTime", "ContentTime"):
+                time_s = _time_seconds(header.get(tag))
+                if time_s is not None:
+                    break
+            series.append(SeriesInfo(uid, folder, names, str(header.get("SeriesDescription", "")),
+                                     str(header.get("Modality", "")), time_s))
+        unlisted = sorted(set(files) - listed)
+        if unlisted:
+            # GDCM silently drops files it cannot parse; a truncated slice must not vanish
+            raise ConversionError(f"not a readable DICOM image of any series ({len(unlisted)} of {len(files)} "
+                                  f"file(s) in this folder: {', '.join(unlisted[:3])})", case_id,
+                                  os.path.join(folder, unlisted[0]))
+    if not series:
+        raise ConversionError("no DICOM series found", case_id, patient_dir)
+    return series
+
+
+def load_phase_map(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionFailed([ConversionError(f"unreadable phase mapping ({e})", None, path)]) from None
+    if not isinstance(mapping, dict):
+        raise ConversionFailed([ConversionError("phase mapping must be a JSON object", None, path)])
+    allowed = set(CT_PHASES) | {"ignore"}
+    for key, value in mapping.items():
+        entries = value.items() if isinstance(value, dict) else [(key, value)]
+        for description, phase in entries:
+            if phase not in allowed:
+                raise ConversionFailed([ConversionError(f"phase mapping entry {description!r}: {phase!r} is not one "
+                                                        f"of {sorted(allowed)}", None, path)])
+    return mapping
+
+
+def _override(mapping: dict, case_id: str, series: SeriesInfo) -> str | None:
+    for table in (mapping.get(case_id) if isinstance(mapping.get(case_id), dict) else None,
+                  {k: v for k, v in mapping.items() if not isinstance(v, dict)}):
+        if not table:
+            continue
+        lowered = {k.strip().lower(): v for k, v in table.items()}
+        for key in (series.uid, series.description):
+            if key and key.strip().lower() in lowered:
+                return lowered[key.strip().lower()]
+    return None
+
+
+def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed: list[str]
+                  ) -> tuple[dict[str, SeriesInfo], list[str]]:
+    """phase -> series for one patient, plus notes. Order of evidence: mapping file,
+    SeriesDescription keywords, then acquisition-time order for a single leftover series."""
+    notes = []
+    images = [s for s in series if s.modality in IMAGE_MODALITIES]
+    for s in series:
+        if s.modality not in IMAGE_MODALITIES + ("SEG",):
+            notes.append(f"ignored {s.modality or 'unknown-modality'} series {s.description!r} in {s.folder}")
+    for s in images:
+        override = _override(mapping, case_id, s)
+        if override is not None:
+            s.phase, s.how = (None if override == "ignore" else override), "mapping file"
+        else:
+            s.phase, s.how = phase_from_description(s.description), "description"
+    by_phase: dict[str, list[SeriesInfo]] = {}
+    for s in images:
+        if s.phase:
+            by_phase.setdefault(s.phase, []).append(s)
+    chosen = {}
+    for phase, candidates in by_phase.items():
+        # Several reconstructions of one phase (thin and thick slices) are common on TCIA:
+        # keep the one with most slices, say so.
+        candidates.sort(key=lambda s: (-len(s.files), s.uid))
+        chosen[phase] = candidates[0]
+        if len(candidates) > 1:
+            notes.append(f"{len(candidates)} series for {phase}: kept {candidates[0].description!r} "
+                         f"({len(candidates[0].files)} slices, {candidates[0].folder}), ignored "
+                         + ", ".join(f"{c.description!r} ({len(c.files)} slices)" for c in candidates[1:]))
+    leftovers = [s for s in images if s.phase is None and s.how != "mapping file"]
+    missing = [p for p in needed if p not in chosen]
+    timed = {p: s.time_s for p, s in chosen.items() if s.time_s is not None}
+    if len(missing) == 1 and len(leftovers) == 1 and leftovers[0].time_s is not None:
+        # a single unnamed series fills a single gap when its time fits between the neighbours
+        phase, candidate = missing[0], leftovers[0]
+        rank = CT_PHASES.index(phase)
+        before = [t for p, t in timed.items() if CT_PHASES.index(p) < rank]
+        after = [t for p, t in timed.items() if CT_PHASES.index(p) > rank]
+        if all(t < candidate.time_s for t in before) and all(t > candidate.time_s for t in after):
+            candidate.phase, candidate.how = phase, "acquisition time"
+            chosen[phase] = candidate
+            notes.append(f"series {candidate.description!r} ({candidate.folder}) names no phase; assigned to "
+                         f"{phase} from its acquisition time")
+    for s in leftovers:
+        if s.phase is None:
+            notes.append(f"series {s.description!r} ({s.folder}) names no known phase; ignored")
+    ordered = sorted((s.time_s, p) for p, s in chosen.items() if s.time_s is not None)
+    time_order = [p for _, p in ordered]
+    if time_order != sorted(time_order, key=CT_PHASES.index):
+        notes.append(f"acquisition-time order {time_order} contradicts the phase order; check the descriptions "
+                     f"or pass --phase-map")
+    return chosen, notes
+
+
+def read_series(info: SeriesInfo, case_id: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(info.files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise ConversionError(f"unreadable DICOM series {info.description!r} ({str(e).strip().splitlines()[-1]})",
+                              case_id, info.folder) from None
+    if image.GetDimension() != 3 or image.GetSize()[2] < 2:
+        raise ConversionError(f"DICOM series {info.description!r} is not a 3D volume (size {image.GetSize()})",
+                              case_id, info.folder)
+    return image
+
+
+_TUMOR_WORDS = re.compile(r"tumou?r|lesion|cancer|carcinoma|hcc|mass|metasta|neoplasm|nodule", re.IGNORECASE)
+
+
+def read_dicom_seg(path: str, reference: sitk.Image, case_id: str) -> sitk.Image:
+    """A DICOM-SEG (binary, one frame per segment and slice) rasterised onto the grid of the
+    reference (portal-venous) series it annotates: segments whose label names the liver
+    become 1, tumor-like names 2 (tumor wins where segments overlap). The SEG frames must
+    lie on the reference grid (same orientation, pixel spacing and slice positions)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        frames = np.asarray(ds.pixel_array)
+    except Exception as e:  # noqa: BLE001 - pydicom raises several types for broken files
+        raise ConversionError(f"unreadable DICOM-SEG ({e})", case_id, path) from None
+    frames = frames[None] if frames.ndim == 2 else frames
+    values = {}
+    for segment in ds.SegmentSequence:
+        name = str(getattr(segment, "SegmentLabel", ""))
+        if _TUMOR_WORDS.search(name):
+            values[int(segment.SegmentNumber)] = 2
+        elif "liver" in name.lower():
+            values[int(segment.SegmentNumber)] = 1
+        else:
+            raise ConversionError(f"DICOM-SEG segment {segment.SegmentNumber} {name!r} names neither the liver nor "
+                                  f"a tumor", case_id, path)
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    size_x, size_y, size_z = reference.GetSize()
+    if (int(ds.Rows), int(ds.Columns)) != (size_y, size_x):
+        raise ConversionError(f"DICOM-SEG frames are {ds.Rows}x{ds.Columns}, the portal-venous series "
+                              f"{size_y}x{size_x}", case_id, path)
+    label = np.zeros((size_z, size_y, size_x), np.uint8)
+    for i, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        def item(name):
+            return getattr(group, name, None) or getattr(shared, name, None)
+        orientation = np.array(item("PlaneOrientationSequence")[0].ImageOrientationPatient, float)
+        spacing = np.array(item("PixelMeasuresSequence")[0].PixelSpacing, float)
+        if not (np.allclose(orientation[:3], direction[:, 0], atol=1e-3)
+                and np.allclose(orientation[3:], direction[:, 1], atol=1e-3)
+                and np.allclose(spacing, reference.GetSpacing()[1::-1], rtol=1e-3)):
+            raise ConversionError("DICOM-SEG orientation/pixel spacing differ from the portal-venous series; "
+                                  "export the mask as NIfTI in that frame", case_id, path)
+        position = [float(v) for v in item("PlanePositionSequence")[0].ImagePositionPatient]
+        index = reference.TransformPhysicalPointToContinuousIndex(position)
+        k = int(round(index[2]))
+        if max(abs(index[0]), abs(index[1]), abs(index[2] - k)) > 0.05 or not 0 <= k < size_z:
+            raise ConversionError(f"DICOM-SEG frame {i + 1} at {position} is not a slice of the portal-venous "
+                                  f"series", case_id, path)
+        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        label[k] = np.maximum(label[k], (frames[i] > 0).astype(np.uint8) * values[number])
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(reference)
+    return image
+
+
+def convert_case(task: CaseTask, out_dir: str, options: ConversionOptions):
+    patient_dir = Path(task.images["patient_dir"])
+    selected = task.extra["phases"]
+    needed = list(dict.fromkeys(list(selected) + [REFERENCE_PHASE]))
+    series = scan_patient(patient_dir, task.case_id)
+    chosen, notes = assign_phases(series, task.case_id, task.extra["phase_map"], needed)
+    missing = [p for p in needed if p not in chosen]
+    if missing:
+        found = ", ".join(f"{s.description!r}->{s.phase}" for s in series) or "none"
+        raise IncompleteCaseError(f"missing phase(s) {missing}; series found: {found}", task.case_id, patient_dir)
+    phase_images = {p: (read_series(chosen[p], task.case_id), chosen[p].folder) for p in needed}
+    segs = [s for s in series if s.modality == "SEG"]
+    split, label = task.split, None
+    if task.label is not None:
+        label = (read_image(task.label, task.case_id), task.label)
+        if segs:
+            notes.append(f"NIfTI mask {task.label} used; DICOM-SEG in {segs[0].folder} ignored")
+    elif segs:
+        if len(segs) > 1:
+            raise ConversionError(f"{len(segs)} DICOM-SEG series; keep one or give masks/{task.case_id}.nii.gz",
+                                  task.case_id, segs[1].files[0])
+        seg_path = segs[0].files[0]
+        label = (read_dicom_seg(seg_path, phase_images[REFERENCE_PHASE][0], task.case_id), seg_path)
+        split = "train"
+    result = register_and_write(task.case_id, split, out_dir, options, phase_images, selected, label,
+                                CT_PHASES, None, compute_curve=False, case_class=task.case_class,
+                                notes=notes, source=str(patient_dir))
+    truth = task.extra.get("truth_motion")
+    if truth and label is not None and (sitk.GetArrayViewFromImage(label[0]) > 0).any():
+        # a source with known motion (the phantom's phantom_truth.json): report the true residual
+        label_on_grid = resample_onto(label[0], phase_images[REFERENCE_PHASE][0], is_label=True)
+        for phase, summary in result.registration.items():
+            if phase in truth:
+                summary["residual_vs_truth_vox"] = {k: round(v, 4) for k, v in residual_vs_truth(
+                    transform_from_summary(summary), euler_from_motion(**truth[phase]), label_on_grid).items()}
+    result.registration["series"] = {p: {"description": chosen[p].description, "uid": chosen[p].uid,
+                                         "identified_by": chosen[p].how, "acquisition_time_s": chosen[p].time_s}
+                                     for p in needed}
+    return result
+
+
+def discover(src: str | Path, options: ConversionOptions) -> list[CaseTask]:
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionFailed([ConversionError("TCGA-LIHC source folder does not exist", None, src)])
+    phase_map = load_phase_map(options.phase_map)
+    csv_path = Path(options.classes_csv) if options.classes_csv else src / "classes.csv"
+    table = read_case_table(csv_path, ("patient_id", "case_id", "PatientID")) if (
+        options.classes_csv or csv_path.is_file()) else {}
+    masks: dict[str, list[Path]] = {}
+    if (src / "masks").is_dir():
+        for path in sorted((src / "masks").iterdir()):
+            stem = strip_nifti_suffix(path.name)
+            if stem is not None and not is_junk_file(path.name):
+                masks.setdefault(stem, []).append(path)
+    errors = [ConversionError(f"duplicate case id: mask exists as {', '.join(map(str, p))}", c, p[1])
+              for c, p in masks.items() if len(p) > 1]
+    patients = sorted(p for p in src.iterdir() if p.is_dir() and p.name != "masks" and not is_junk_file(p.name))
+    lowered: dict[str, Path] = {}
+    for p in patients:
+        if p.name.lower() in lowered:
+            errors.append(ConversionError(f"duplicate case id: {lowered[p.name.lower()]} and {p} differ only in case",
+                                          p.name, p))
+        lowered[p.name.lower()] = p
+    for case_id, paths in masks.items():
+        if not (src / case_id).is_dir():
+            errors.append(ConversionError("mask without a patient folder", case_id, paths[0]))
+    if errors:
+        raise ConversionFailed(errors, "bad TCGA-LIHC source layout")
+    if not patients:
+        raise ConversionFailed([ConversionError("no patient folders found", None, src)], "nothing to convert")
+    selected = _selected_phases(options)
+    truth = _known_motion(src / "phantom_truth.json")
+    tasks = []
+    for patient in patients:
+        mask = masks.get(patient.name, [None])[0]
+        row = table.get(patient.name, {})
+        tasks.append(CaseTask(patient.name, "train" if mask is not None else "test",
+                              {"patient_dir": str(patient)}, label=None if mask is None else str(mask),
+                              case_class=row.get("class"),
+                              extra={"phases": selected, "phase_map": phase_map,
+                                     "truth_motion": truth.get(patient.name)}))
+    return tasks
+
+
+def _known_motion(path: Path) -> dict:
+    """{patient: {phase: Euler parameters}} from a `phantom_truth.json` next to the patients
+    (written by nnunet_liver_ext.phantom.write_tcga_dicom), else {}. The motion maps
+    reference points to the phase's frame, the same direction as the registration result."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {pid: {phase: {"rotation_deg": m["rotation_deg"], "translation_mm": m["translation_mm"],
+                              "center": m.get("center_mm", (0.0, 0.0, 0.0))}
+                      for phase, m in entry["motion"].items()}
+                for pid, entry in data.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionFailed([ConversionError(f"unreadable motion truth file ({e!r})", None, path)]) from None
+
+
+def _selected_phases(options: ConversionOptions) -> list[str]:
+    # Default: the three contrast phases (the CT set most multiphase liver work uses);
+    # pre-contrast only on request, so cases without a native scan are not incomplete.
+    if options.phase_subset is None:
+        return ["arterial", "portal_venous", "delayed"]
+    return select_phases(CT_PHASES, options.phase_subset, "TCGA-LIHC")
+
+
+def convert(src: str | Path, options: ConversionOptions) -> Path:
+    tasks = discover(src, options)
+    make_json = multiphase_dataset_json(options.name, "CT", tasks[0].extra["phases"], options,
+                                        "TCGA-LIHC multiphase CT, converted by nnunet-liver convert tcga-lihc")
+    return run_conversion("tcga-lihc", tasks, convert_case, options, make_json)
