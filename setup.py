@@ -25,7 +25,7 @@ setup(
     install_requires=[
         "nnunetv2==2.8.*",
         "SimpleITK>=2.2",
-        "pydicom>=2.4",
+        "pydicom>=3.0",
         "scipy",
         "numpy",
         "matplotlib",
