@@ -89,6 +89,9 @@ class AttentionPool(nn.Module):
     softmax over locations, weighted mean. Lets a case-level head look at the lesion rather than
     averaging it away with the surrounding parenchyma.
 
+    ``log_prior`` ``(B, L)``, optional, is added to the scores: a location's prior weight (e.g. the
+    network's own lesion probability there) in log space.
+
     Input ``(B, L, C)`` tokens (L locations), output ``(B, C)``.
     """
 
@@ -96,9 +99,23 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.score = nn.Linear(channels, 1)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(self.score(tokens).float(), dim=1).to(tokens.dtype)
+    def forward(self, tokens: torch.Tensor, log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+        scores = self.score(tokens).float()
+        if log_prior is not None:
+            scores = scores + log_prior.unsqueeze(-1).float()
+        weights = torch.softmax(scores, dim=1).to(tokens.dtype)
         return (weights * tokens).sum(1)
+
+
+def lesion_log_prior(seg: torch.Tensor, lesion_channel: int, spatial_size, eps: float = 1e-3) -> torch.Tensor:
+    """log of the lesion probability of segmentation logits ``(B, K, *S)``, averaged onto
+    ``spatial_size`` and flattened to ``(B, L)``. Detached: the case-level loss must not reshape the
+    segmentation, only use it to look at the lesion."""
+    channel = lesion_channel % seg.shape[1]
+    probability = torch.softmax(seg.detach().float(), 1)[:, channel:channel + 1]
+    pooled = nn.functional.adaptive_avg_pool3d(probability, spatial_size) if probability.ndim == 5 \
+        else nn.functional.adaptive_avg_pool2d(probability, spatial_size)
+    return torch.log(pooled.flatten(1) + eps)
 
 
 class ConvGRU(nn.Module):

@@ -9,7 +9,9 @@ Where the paper is silent (ours, see METHODS.md):
 - T runs across phases at every bottleneck location (tokens = phases, one sequence per voxel,
   as in divided space-time attention). The [CLS] sequence runs over the N phase tokens pooled
   over space by attention pooling; both sequences share T's weights and the phase positional
-  encodings ``E_pos`` (N + 1 rows, row 0 for [CLS]).
+  encodings ``E_pos`` (N + 1 rows, row 0 for [CLS]). The pooling is steered by the network's own
+  (detached) lesion probability: with a learned attention alone, nnU-Net's SGD schedule left the
+  class head at chance on the phantom for 1500 iterations (benchmarks/results/).
 - Decoder input and skips are fused over phases by learned voxel-wise attention weights;
   ``reference_phase`` reproduces the paper's single-phase decoding.
 - Hybrid ablation (Table 4 e): after T's third layer, a low-rank bilinear fusion adds each
@@ -30,7 +32,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
-                                              encoder_skip_sizes, mlp_head, numel, spatial_dims)
+                                              encoder_skip_sizes, lesion_log_prior, mlp_head, numel,
+                                              spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 
 TEMPORAL_MODELERS = ("transformer", "hybrid", "convgru", "mean")
@@ -60,7 +63,8 @@ class TemporalTransformer(nn.Module):
     """STD-Net's temporal dynamics modeler T (eqs. 4-8): pre-norm Transformer encoder with ReLU FFN,
     learnable [CLS] token and learnable phase positional encodings.
 
-    forward(features (B, N, C, *S), with_cls) -> (features' (B, N, C, *S), cls (B, E) or None)
+    ``forward`` runs the voxel sequences (tokens = phases at one location); ``case_token`` runs
+    the [CLS] sequence. Both use the same layers and positional encodings.
     """
 
     def __init__(self, in_channels: int, max_phases: int, embed_dim: int, num_layers: int, num_heads: int,
@@ -91,28 +95,37 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, features: torch.Tensor, with_cls: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Attention across phases at every location: (B, N, C, *S) -> (B, N, C, *S)."""
         b, n, c = features.shape[:3]
         if n > self.max_phases:
             raise ValueError(f"got {n} phases but the temporal modeler was built for at most {self.max_phases}")
         spatial = features.shape[3:]
         tokens = self.proj_in(features.flatten(3).permute(0, 3, 1, 2))  # (B, V, N, E)
         v, e = tokens.shape[1], tokens.shape[3]
-        phase_pos = self.pos_embed[:, 1:n + 1]
-        cls_seq = None
-        if with_cls:
-            pooled = self.pool(tokens.transpose(1, 2).flatten(0, 1)).view(b, n, e)  # (B, N, E)
-            cls_seq = torch.cat((self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :1], pooled + phase_pos), 1)
-        voxel_seq = (tokens + phase_pos.unsqueeze(1)).reshape(b * v, n, e)
+        voxel_seq = (tokens + self.pos_embed[:, 1:n + 1].unsqueeze(1)).reshape(b * v, n, e)
         for i, layer in enumerate(self.layers):
             voxel_seq = layer(voxel_seq)
-            if cls_seq is not None:
-                cls_seq = layer(cls_seq)
             if self.hybrid is not None and i == self.hybrid_after:
                 voxel_seq = self.hybrid(voxel_seq.view(b, v, n, e)).reshape(b * v, n, e)
         delta = self.proj_out(self.norm(voxel_seq)).view(b, v, n, c).permute(0, 2, 3, 1).reshape(b, n, c, *spatial)
-        cls = self.norm(cls_seq[:, 0]) if cls_seq is not None else None
-        return features + delta, cls
+        return features + delta
+
+    def case_token(self, features: torch.Tensor, log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The [CLS] output (B, E): T over [CLS] + the N phase tokens pooled over space (eq. 4).
+
+        features (B, N, C, *S) are the encoder's bottleneck features; log_prior (B, V) optionally
+        steers the spatial pooling towards the lesion."""
+        b, n = features.shape[:2]
+        tokens = self.proj_in(features.flatten(3).transpose(2, 3))  # (B, N, V, E)
+        e = tokens.shape[-1]
+        prior = log_prior.repeat_interleave(n, 0) if log_prior is not None else None
+        pooled = self.pool(tokens.flatten(0, 1), prior).view(b, n, e)
+        cls_seq = torch.cat((self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :1],
+                             pooled + self.pos_embed[:, 1:n + 1]), 1)
+        for layer in self.layers:
+            cls_seq = layer(cls_seq)
+        return self.norm(cls_seq[:, 0])
 
 
 class STDNet(nn.Module):
@@ -134,6 +147,11 @@ class STDNet(nn.Module):
         mlp_hidden / mlp_dropout: characterization MLP (paper: 512 / 0.3).
         reference_phase: decode from this phase alone (the paper's choice) instead of fusing.
         hybrid_rank: rank of the hybrid fusion.
+        lesion_channel: segmentation output holding the lesion (tumor) class; the spatial pooling of
+            the characterization path adds the log of its (detached) probability to its attention
+            scores, so the head looks at the lesion from the start of training instead of having to
+            find it (ours). ``None`` pools by learned attention alone. Default: the last output
+            (label 2 = tumor in this package's label convention).
 
     forward(x (B, N * channels_per_phase, *S), heads=False) -> seg logits (list with deep
     supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
@@ -144,7 +162,7 @@ class STDNet(nn.Module):
                  fusion: str = "decoupled", share_encoder: bool = True, embed_dim: Optional[int] = None,
                  num_layers: int = 6, num_heads: int = 8, transformer_dropout: float = 0.1,
                  mlp_hidden: int = 512, mlp_dropout: float = 0.3, reference_phase: Optional[int] = None,
-                 hybrid_rank: int = 16, **arch_kwargs):
+                 hybrid_rank: int = 16, lesion_channel: Optional[int] = -1, **arch_kwargs):
         super().__init__()
         if temporal not in TEMPORAL_MODELERS:
             raise ValueError(f"temporal must be one of {TEMPORAL_MODELERS}, got {temporal!r}")
@@ -155,8 +173,11 @@ class STDNet(nn.Module):
                              f"({channels_per_phase})")
         if num_case_classes < 0:
             raise ValueError(f"num_case_classes must be >= 0, got {num_case_classes}")
+        if lesion_channel is not None and not -num_classes <= lesion_channel < num_classes:
+            raise ValueError(f"lesion_channel {lesion_channel} is not a channel of {num_classes} segmentation outputs")
         if "n_conv_per_stage_decoder" not in arch_kwargs:
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
+        self.lesion_channel = lesion_channel
         self.num_phases = input_channels // channels_per_phase
         self.channels_per_phase = channels_per_phase
         self.fusion = fusion
@@ -221,26 +242,32 @@ class STDNet(nn.Module):
         per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(self.encoders)]
         return [torch.stack(stage, 1) for stage in zip(*per_phase)]
 
-    def _temporal(self, bottleneck: torch.Tensor, with_case: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _case_feature(self, encoder_bottleneck: torch.Tensor, temporal_bottleneck: torch.Tensor,
+                      log_prior: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, E) input of the characterization head."""
         if isinstance(self.temporal, TemporalTransformer):
-            return self.temporal(bottleneck, with_case)
+            return self.temporal.case_token(encoder_bottleneck, log_prior)
         if isinstance(self.temporal, ConvGRU):
-            bottleneck = self.temporal(bottleneck)
-            summary = bottleneck[:, -1]  # the state after the last phase has seen the whole sequence
-        else:
-            summary = bottleneck.mean(1)
-        case = self.case_pool(summary.flatten(2).transpose(1, 2)) if with_case else None
-        return bottleneck, case
+            summary = temporal_bottleneck[:, -1]  # the state after the last phase has seen the sequence
+        else:  # mean over phases (ablation a), or the single early-fusion map
+            summary = temporal_bottleneck.mean(1)
+        return self.case_pool(summary.flatten(2).transpose(1, 2), log_prior)
 
     def forward(self, x: torch.Tensor, heads: bool = False):
         skips = self._phase_skips(x)
-        with_case = heads and self.cls_head is not None
-        skips[-1], case_feature = self._temporal(skips[-1], with_case)
-        fused = [fusion(s) for fusion, s in zip(self.phase_fusions, skips)]
-        seg = self.decoder(fused)
+        encoder_bottleneck = skips[-1]
+        if self.temporal is not None:
+            skips[-1] = self.temporal(skips[-1])
+        seg = self.decoder([fusion(s) for fusion, s in zip(self.phase_fusions, skips)])
         if not heads:
             return seg
-        cls_logits = self.cls_head(case_feature) if with_case else None
+        cls_logits = None
+        if self.cls_head is not None:
+            log_prior = None
+            if self.lesion_channel is not None:
+                coarsest = seg[-1] if isinstance(seg, (list, tuple)) else seg
+                log_prior = lesion_log_prior(coarsest, self.lesion_channel, encoder_bottleneck.shape[3:])
+            cls_logits = self.cls_head(self._case_feature(encoder_bottleneck, skips[-1], log_prior))
         return NetworkOutput(seg=seg, cls_logits=cls_logits)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:

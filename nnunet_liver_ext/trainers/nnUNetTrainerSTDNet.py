@@ -2,9 +2,11 @@
 
 The network is ``nnunet_liver_ext.networks.std_net.STDNet`` built from the plans; the loss is
 nnU-Net's Dice+CE (weight 1.0) plus 0.5 x cross-entropy of the characterization head (METHODS.md:
-lambda1 = 1.0, lambda2 = 0.5). Optimiser and schedule stay nnU-Net's, so a comparison with
-``nnUNetTrainer`` differs in the method only; ``nnUNetTrainerSTDNet_paper`` uses the paper's
-AdamW / cosine schedule instead.
+lambda1 = 1.0, lambda2 = 0.5). The convolutional encoder and decoder keep nnU-Net's SGD and
+polynomial schedule, so a comparison with ``nnUNetTrainer`` differs there in the method only; the
+Transformer and the characterization head train with AdamW (``training.optim``: under nnU-Net's
+SGD they stayed at chance). ``nnUNetTrainerSTDNet_paper`` uses the paper's AdamW / cosine
+schedule for everything.
 
 Ablations of the paper's Table 4, each selectable with ``-tr``:
 ``_noTemporal`` (a), ``_earlyFusion`` (b), ``_noWeightSharing`` (c), ``_ConvGRU`` (d), ``_hybrid`` (e),
@@ -21,6 +23,8 @@ class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
     network_class = STDNet
     network_kwargs = {}
     loss_weights = {"cls": 0.5}
+    # the Transformer, the case pooling and the MLP train with AdamW; encoder and decoder keep SGD
+    adaptive_module_prefixes = ("temporal.", "case_pool.", "cls_head.")
     #: decode from this phase alone (the paper's choice) instead of fusing the phases
     reference_phase_name = None
 
@@ -78,6 +82,12 @@ class nnUNetTrainerSTDNet_5epochs(nnUNetTrainerSTDNet):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, "5epochs")
+
+
+class nnUNetTrainerSTDNet_short(nnUNetTrainerSTDNet):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, "short")
 
 
 class nnUNetTrainerSTDNet_demo(nnUNetTrainerSTDNet):

@@ -8,6 +8,9 @@
 - ``build_network_architecture`` (a classmethod, so ablation trainers only change
   ``network_kwargs``): builds ``network_class`` from the plans;
 - ``train_step``: ``net(x, heads=True)``, nnU-Net's seg loss plus the weighted case-level terms;
+- ``get_training_transforms``: nnU-Net's augmentation with intensity transforms shared by all
+  phases of a sample (``training.augmentation``);
+- ``configure_optimizers``: AdamW for ``adaptive_module_prefixes`` (attention, heads), SGD else;
 - ``perform_actual_validation``: nnU-Net's validation, then a ``CASE.json`` per validation case.
 
 Method trainers (``trainers/nnUNetTrainer<Method>.py``) set ``network_class``,
@@ -28,7 +31,9 @@ from torch import autocast, nn
 
 from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
+from nnunet_liver_ext.training.augmentation import synchronize_phase_intensity
 from nnunet_liver_ext.training.case_labels import CaseTargets
+from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, split_parameters
 from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block, resolved_arch_kwargs
 
 
@@ -51,6 +56,13 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     loss_weights: Dict[str, float] = {"cls": 0.5, "curve": 0.0}
     #: an ``aux_losses`` entry of the network without a weight here is an error, not ignored
     aux_loss_weights: Dict[str, float] = {}
+    #: parameters whose names start with these train with AdamW (``training.optim``); the rest keep
+    #: nnU-Net's SGD. Empty: nnU-Net's optimizer unchanged.
+    adaptive_module_prefixes: tuple = ()
+    adaptive_lr: float = 1e-3
+    adaptive_weight_decay: float = 1e-5
+    #: brightness/contrast/gamma augmentation identical for all phases of a sample (training.augmentation)
+    synchronize_phase_intensity_augmentation: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -99,6 +111,29 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
                                  num_case_classes=len(block.get("case_classes") or []), **kwargs)
 
     # ------------------------------------------------------------------ training
+    @classmethod
+    def get_training_transforms(cls, *args, **kwargs):
+        transforms = super().get_training_transforms(*args, **kwargs)
+        if cls.synchronize_phase_intensity_augmentation and synchronize_phase_intensity(transforms) == 0:
+            raise RuntimeError("found none of nnU-Net's intensity transforms to synchronize across phases; has "
+                               "nnU-Net's augmentation pipeline changed?")
+        return transforms
+
+    def configure_optimizers(self):
+        if not self.adaptive_module_prefixes:
+            return super().configure_optimizers()
+        sgd_params, adaptive_params = split_parameters(unwrap_network(self.network), self.adaptive_module_prefixes)
+        optimizers = [torch.optim.SGD(sgd_params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                      nesterov=True)]
+        if adaptive_params:
+            optimizers.append(torch.optim.AdamW(adaptive_params, self.adaptive_lr,
+                                                weight_decay=self.adaptive_weight_decay))
+        optimizer = HybridOptimizer(optimizers)
+        self.print_to_log_file(f"Optimizer: SGD (lr {self.initial_lr}) for {len(sgd_params)} tensors, AdamW "
+                               f"(lr {self.adaptive_lr}) for {len(adaptive_params)} tensors of "
+                               f"{list(self.adaptive_module_prefixes)}; polynomial decay on both")
+        return optimizer, PolyLRPerGroup(optimizer, self.num_epochs)
+
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 

@@ -13,6 +13,8 @@ from torch.optim.lr_scheduler import _LRScheduler
 SCHEDULES = {
     # nnU-Net's iterations, few epochs: smoke runs on a GPU
     "5epochs": (5, 250, 50),
+    # a like-for-like comparison on a GPU in minutes (benchmarks/gpu_stdnet_vs_nnunet.py)
+    "short": (20, 50, 5),
     # the README demo on a 2-core CPU with the CPU-demo plans
     "demo": (12, 25, 4),
     # test runs: a real training loop, checkpoints and validation in seconds

@@ -1,0 +1,120 @@
+"""The multi-task mechanics every method's trainer shares (nnunet_liver_ext.training, .losses)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
+from nnunet_liver_ext.training.augmentation import PHASE_SYNCHRONIZED_TRANSFORMS
+from nnunet_liver_ext.training.case_labels import CaseTargets
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer, tumor_label_value
+from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, split_parameters
+from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler
+
+DATASET_JSON = {
+    "labels": {"background": 0, "liver": 1, "tumor": 2},
+    "phases": ["arterial", "portal_venous", "delayed"],
+    "characterization": {"classes": ["HCC", "hemangioma"], "cases": {"a": 0, "b": 1}},
+    "enhancement": {"a": [150.0, 100.0, 60.0], "b": [60.0, 100.0, 110.0]},
+}
+
+
+def _intensity_transforms(trainer_class):
+    transforms = trainer_class.get_training_transforms(
+        patch_size=(16, 32, 32), rotation_for_DA=(0.0, 0.0), deep_supervision_scales=None, mirror_axes=(0, 1, 2),
+        do_dummy_2d_data_aug=False)
+    found = []
+    for t in transforms.transforms:
+        inner = t.transform if isinstance(t, RandomTransform) else t
+        if isinstance(inner, PHASE_SYNCHRONIZED_TRANSFORMS):
+            found.append(inner)
+    return found
+
+
+def test_intensity_augmentation_is_shared_by_all_phases_unlike_stock_nnunet():
+    ours, stock = _intensity_transforms(LiverMultiTaskTrainer), _intensity_transforms(nnUNetTrainer)
+    assert len(ours) == len(stock) >= 3
+    assert all(t.synchronize_channels for t in ours)
+    assert not any(t.synchronize_channels for t in stock)
+    # behaviour, not just the flag: identical phases stay identical under the synchronized transforms
+    image = torch.rand(1, 8, 16, 16).expand(3, -1, -1, -1).clone()
+    for transform in ours:
+        torch.manual_seed(0)
+        out = transform(image=image.clone())["image"]
+        torch.testing.assert_close(out[0], out[1])
+        torch.testing.assert_close(out[0], out[2])
+
+
+def test_case_targets_lookup_and_unknown_cases():
+    targets = CaseTargets.from_dataset_json(DATASET_JSON)
+    labels, known = targets.class_labels(["b", "zzz", "a"], torch.device("cpu"))
+    assert labels.tolist() == [1, -1, 0] and known.tolist() == [True, False, True]
+    curves, known = targets.curves(["a", "zzz"], 3, torch.device("cpu"))
+    assert curves[0].tolist() == [150.0, 100.0, 60.0] and known.tolist() == [True, False]
+    assert not CaseTargets.from_dataset_json({"labels": {"background": 0}}).has_classes
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"characterization": {"classes": ["HCC"], "cases": {"case_7": 3}}}, "case 'case_7' has class index 3"),
+    ({"enhancement": {"case_8": [1.0, 2.0]}}, "case 'case_8' has 2 values"),
+])
+def test_case_targets_reject_bad_entries_naming_the_case(patch, message):
+    with pytest.raises(ValueError, match=message):
+        CaseTargets.from_dataset_json({**DATASET_JSON, **patch})
+
+
+def test_tumor_label_from_names():
+    assert tumor_label_value(DATASET_JSON) == 2
+    assert tumor_label_value({"labels": {"background": 0, "liver": 1, "cancer": 2}}) == 2
+    assert tumor_label_value({"labels": {"background": 0, "organ": 1, "lesionish": 3}}) == 3
+
+
+def test_masked_losses_match_the_unmasked_loss_on_the_kept_samples_and_stay_connected():
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([0, 2, -1, 1])
+    mask = torch.tensor([True, True, False, False])
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, mask), F.cross_entropy(logits[:2], labels[:2]))
+    none = masked_cross_entropy(logits, labels, torch.zeros(4, dtype=torch.bool))
+    assert none.item() == 0.0
+    none.backward()  # graph-connected: DDP sees a gradient (zero) for every head parameter
+    assert logits.grad is not None and logits.grad.abs().sum() == 0
+    pred, target = torch.randn(3, 4), torch.randn(3, 4)
+    keep = torch.tensor([False, True, True])
+    torch.testing.assert_close(masked_l1(pred, target, keep), (pred[1:] - target[1:]).abs().mean())
+
+
+def test_hybrid_optimizer_steps_both_decays_each_group_from_its_own_rate_and_round_trips():
+    net = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "temporal": torch.nn.Linear(4, 2)})
+    sgd_params, adam_params = split_parameters(net, ("temporal.",))
+    assert len(sgd_params) == 2 and len(adam_params) == 2
+    optimizer = HybridOptimizer([torch.optim.SGD(sgd_params, 1e-2, momentum=0.99, nesterov=True),
+                                 torch.optim.AdamW(adam_params, 1e-3)])
+    scheduler = PolyLRPerGroup(optimizer, max_steps=10)
+    scheduler.step(5)
+    np.testing.assert_allclose([g["lr"] for g in optimizer.param_groups], [1e-2 * 0.5 ** 0.9, 1e-3 * 0.5 ** 0.9])
+    before = [p.detach().clone() for p in net.parameters()]
+    net["temporal"](net["encoder"](torch.randn(2, 4))).sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    state = optimizer.state_dict()
+    fresh = HybridOptimizer([torch.optim.SGD(sgd_params, 1.0, momentum=0.99, nesterov=True),
+                             torch.optim.AdamW(adam_params, 1.0)])
+    fresh.load_state_dict(state)
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    with pytest.raises(ValueError, match="does not match"):
+        fresh.load_state_dict(torch.optim.SGD(sgd_params, 1.0).state_dict())
+
+
+def test_warmup_cosine_schedule():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    scheduler = WarmupCosineLRScheduler(optimizer, 1e-4, max_steps=120, warmup_steps=20)
+    scheduler.step(0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 / 20)
+    scheduler.step(19)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    scheduler.step(70)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)
+    scheduler.step(120)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
