@@ -11,8 +11,11 @@ fi
 stamp="$venv/.nnunet_liver_ext_installed"
 want=$(cat "$repo/setup.py" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$venv/bin/python" -m pip install -q --upgrade "pip>=24" "setuptools>=64" wheel
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  echo "Installing nnunet-liver-ext and its dependencies (nnU-Net 2.8, PyTorch) into $venv ..."
+  log="$venv/install.log"
+  { "$venv/bin/python" -m pip install --upgrade "pip>=24" "setuptools>=64" wheel &&
+    "$venv/bin/python" -m pip install -e "$repo[dev]"; } > "$log" 2>&1 \
+    || { tail -n 40 "$log"; echo "install failed; full log: $log" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -6,8 +6,6 @@ rebuilt and reloaded the way nnU-Net's predictor does it.
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,37 +15,23 @@ import torch
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
 from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
+from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train
 
-BIN = Path(sys.executable).parent
 DATASET_ID = 911
 PLANS = "nnUNetPlans_CPUDemo"
 TRAINER = "nnUNetTrainerSTDNet_tiny"
 
 
-def run(cmd, env, cwd, **extra_env):
-    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=dict(env, **extra_env), cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ,
-               nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(TRAINERS_DIR),
-               # a 2-core machine: no pools of torch-importing workers
-               nnUNet_def_n_proc="1", nnUNet_compile="f")
+    env = nnunet_env(root)
     config = PhantomConfig(shape=(24, 64, 64), n_lesions_range=(1, 2), lesion_diameter_range_mm=(10, 24),
                            p_no_lesion=0.0)
     cases = generate_cases(8, config, seed=3, progress=False)
     dataset = write_nnunet_raw(root / "raw", DATASET_ID, "STDNetE2E", cases[:6], cases[6:])
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
-         "--verify_dataset_integrity"], env, root)
-    run(["nnunet-liver", "plan", "-d", str(DATASET_ID), "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, root)
-    log = run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
-              env, root, nnUNet_n_proc_DA="0")  # 0: in-process data loading (the planner needs >= 1)
+    plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
+    log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
     model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
     return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
 

@@ -16,7 +16,7 @@ SCHEDULES = {
     # a like-for-like comparison on a GPU in minutes (benchmarks/gpu_stdnet_vs_nnunet.py)
     "short": (20, 50, 5),
     # the README demo on a 2-core CPU with the CPU-demo plans
-    "demo": (12, 25, 4),
+    "demo": (8, 20, 2),
     # test runs: a real training loop, checkpoints and validation in seconds
     "tiny": (1, 2, 1),
 }

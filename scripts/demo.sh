@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The README demo: phantom multiphase CT -> nnU-Net raw -> nnUNetv2_plan_and_preprocess -> STD-Net
+# trained for a short schedule on the CPU -> prediction of held-out cases -> Dice and
+# characterization accuracy. Everything goes to demo_work/ (git-ignored); a re-run starts fresh.
+# Sized for a 2-core CPU (about 10 minutes); DEMO_CASES / DEMO_DEVICE override the defaults.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$repo/scripts/setup_env.sh"
+work="$repo/demo_work"
+rm -rf "$work"
+mkdir -p "$work"
+export nnUNet_raw="$work/nnUNet_raw" nnUNet_preprocessed="$work/nnUNet_preprocessed" \
+  nnUNet_results="$work/nnUNet_results"
+# a small machine: no pools of torch-importing worker processes
+export PYTHONUNBUFFERED=1
+export nnUNet_def_n_proc=${nnUNet_def_n_proc:-1} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-1} nnUNet_compile=f
+eval "$(nnunet-liver env)"
+device=${DEMO_DEVICE:-cpu}
+id=500
+trainer=nnUNetTrainerSTDNet_demo
+plans=nnUNetPlans_CPUDemo
+start=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
+
+step "1/6 phantom: ${DEMO_CASES:-32} training + 8 test cases, 3 CT phases, 24x80x80"
+nnunet-liver phantom nnunet-raw -d $id --name LiverPhantomDemo -n "${DEMO_CASES:-32}" --test 8 \
+  --shape 24 80 80 --lesions 1 2 --lesion-size 10 30 --seed 1 --no-progress
+dataset="$nnUNet_raw/Dataset${id}_LiverPhantomDemo"
+
+step "2/6 nnUNetv2_plan_and_preprocess (fingerprint, default plans, integrity check)"
+nnUNetv2_plan_and_preprocess -d $id -c 3d_fullres -np 2 -npfp 2 --verify_dataset_integrity > "$work/plan.log" 2>&1 \
+  || { tail -30 "$work/plan.log"; exit 1; }
+
+step "3/6 CPU-sized plans through nnU-Net's planning API ($plans)"
+nnunet-liver plan -d $id --preset cpu-demo --preprocess -np 2 > "$work/plan_cpu.log" 2>&1 \
+  || { tail -30 "$work/plan_cpu.log"; exit 1; }
+
+step "4/6 nnUNetv2_train $id 3d_fullres 0 -tr $trainer -p $plans -device $device"
+nnUNetv2_train $id 3d_fullres 0 -tr $trainer -p $plans -device "$device" 2>&1 | tee "$work/train.log" \
+  | grep --line-buffered -E "Epoch [0-9]+$|train_loss|train terms|Pseudo dice|Mean Validation|Characterization on"
+
+step "5/6 nnunet-liver predict (nnUNetv2_predict options) on the 8 held-out cases"
+nnunet-liver predict -i "$dataset/imagesTs" -o "$work/predictions" -d $id -c 3d_fullres -p $plans -tr $trainer \
+  -f 0 -device "$device" -npp 1 -nps 1 --disable_tta > "$work/predict.log" 2>&1 || { tail -30 "$work/predict.log"; exit 1; }
+
+step "6/6 evaluation against the held-out truth"
+python - "$dataset" "$work/eval_targets.json" <<'EOF'
+import json, sys
+dataset, out = sys.argv[1], sys.argv[2]
+targets = json.load(open(f"{dataset}/dataset.json"))
+targets.update(json.load(open(f"{dataset}/test_targets.json")))  # test-case classes and curves
+json.dump(targets, open(out, "w"))
+EOF
+nnunet-liver evaluate "$work/predictions" "$dataset/labelsTs" -o "$work/evaluation" \
+  --dataset-json "$work/eval_targets.json" -np 1 --quiet
+python - "$work/evaluation" <<'EOF'
+import csv, json, statistics, sys
+folder = sys.argv[1]
+rows = list(csv.DictReader(open(f"{folder}/per_case_metrics.csv")))
+def mean(column):
+    values = [float(r[column]) for r in rows if r.get(column) not in (None, "", "nan")]
+    return statistics.mean(values) if values else float("nan")
+print(f"held-out cases: {len(rows)}")
+print(f"Dice liver (region {{1,2}}): {mean('liver_region_dice'):.3f}")
+print(f"Dice tumor (label 2):       {mean('tumor_dice'):.3f}")
+summary = json.load(open(f"{folder}/summary.json")).get("characterization", {})
+for source, result in summary.items():
+    pooled = result.get("pooled", {})
+    print(f"characterization ({pooled.get('n_cases')} cases, classes {pooled.get('classes')}): "
+          f"accuracy {pooled.get('accuracy', float('nan')):.3f}, "
+          f"balanced accuracy {pooled.get('balanced_accuracy', float('nan')):.3f}, "
+          f"AUC one-vs-rest {pooled.get('auc_ovr_macro', float('nan')):.3f}")
+EOF
+step "done: report $work/evaluation/report.md, predictions $work/predictions (CASE.nii.gz + CASE.json)"

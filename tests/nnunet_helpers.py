@@ -1,0 +1,37 @@
+"""Running nnU-Net's (and our) console scripts in subprocesses, as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_liver_ext.paths import TRAINERS_DIR
+
+BIN = Path(sys.executable).parent
+
+
+def nnunet_env(root: Path) -> dict:
+    """nnU-Net's folders under ``root`` and settings for a 2-core machine (no pools of
+    torch-importing worker processes)."""
+    return dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+                nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(TRAINERS_DIR),
+                nnUNet_def_n_proc="1", nnUNet_compile="f")
+
+
+def run(cmd, env, cwd, **extra_env) -> str:
+    proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=dict(env, **extra_env), cwd=cwd, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def plan_and_preprocess_cpu_demo(dataset_id: int, env, cwd) -> None:
+    """nnU-Net's own planning/preprocessing with the integrity check, then the CPU-demo plans."""
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+         "--verify_dataset_integrity"], env, cwd)
+    run(["nnunet-liver", "plan", "-d", str(dataset_id), "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, cwd)
+
+
+def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd) -> str:
+    # nnUNet_n_proc_DA=0: in-process data loading (the planner needs >= 1, training does not)
+    return run(["nnUNetv2_train", str(dataset_id), "3d_fullres", str(fold), "-tr", trainer, "-p", plans,
+                "-device", "cpu"], env, cwd, nnUNet_n_proc_DA="0")
