@@ -75,9 +75,6 @@ class CharacterizationPredictor(nnUNetPredictor):
     def case_classes(self) -> List[str]:
         return list(liver_ext_block(self.plans_manager.plans).get("case_classes") or [])
 
-    def _heads_network(self):
-        return unwrap_network(self.network)
-
     # --- per patch
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ phase names, the curve normalisation) therefore travels inside the plans under
 from __future__ import annotations
 
 import pydoc
-from typing import Optional
 
 PLANS_KEY = "nnunet_liver_ext"
 
@@ -30,10 +29,3 @@ def resolved_arch_kwargs(configuration_manager) -> dict:
 def liver_ext_block(plans: dict) -> dict:
     return plans.get(PLANS_KEY) or {}
 
-
-def case_classes_from_plans(plans: dict) -> list:
-    return list(liver_ext_block(plans).get("case_classes") or [])
-
-
-def phases_from_plans(plans: dict) -> Optional[list]:
-    return liver_ext_block(plans).get("phases")
