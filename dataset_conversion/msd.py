@@ -1,9 +1,11 @@
 """Medical Segmentation Decathlon Task03_Liver -> nnU-Net raw dataset.
 
 Output matches what `nnUNetv2_convert_MSD_dataset` writes (case ids `liver_N`, channel
-"CT", labels taken from MSD's dataset.json, i.e. background/liver/cancer = 0/1/2, the MSD
-keys name/description/reference/licence/release/tensorImageSize/numTest kept), but goes
-through our atomic writer, checks and report. nnU-Net's converter is not reused because it
+"CT", label values from MSD's dataset.json, the MSD keys name/description/reference/licence/
+release/tensorImageSize/numTest kept) with one deliberate difference: label 2 is named "tumor",
+not MSD's "cancer", because this package's label schema (../shared/DESIGN.md: 0 background,
+1 liver, 2 tumor) is what the trainers and the benchmark's LiTS liver region {1, 2} key on.
+It goes through our atomic writer, checks and report. nnU-Net's converter is not reused because it
 writes straight into nnUNet_raw and copies labels unchecked.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from nnunet_liver_ext.dataset_conversion.common import (
     build_dataset_json, case_targets, check_unique_case_ids, convert_single_image_case, is_junk_file,
     run_conversion, select_phases, strip_nifti_suffix)
 
+MSD_LABEL_NAMES = {"cancer": "tumor"}  # MSD's name -> the package's label schema
 _DROPPED_KEYS = ("modality", "training", "test", "labels", "numTraining", "name", "description")
 
 
@@ -91,7 +94,7 @@ def convert(src: str | Path, options: ConversionOptions) -> Path:
         raise ConversionFailed([ConversionError("MSD dataset.json needs 'labels' and exactly one 'modality' "
                                                 f"(Task03_Liver is single-channel CT); found modality {modality}",
                                                 None, task / "dataset.json")])
-    labels = {name: int(value) for value, name in msd_json["labels"].items()}
+    labels = {MSD_LABEL_NAMES.get(name, name): int(value) for value, name in msd_json["labels"].items()}
     tasks = discover(task, msd_json)
 
     def make_json(results: list[CaseResult]) -> dict:

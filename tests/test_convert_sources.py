@@ -146,9 +146,11 @@ def test_msd_matches_nnunet_converter_and_verifies(msd_dataset):
             np.testing.assert_allclose(ours[0].GetDirection(), theirs[0].GetDirection(), atol=1e-6)
     ours_json = json.loads((out / "dataset.json").read_text())
     theirs_json = json.loads((reference / "dataset.json").read_text())
-    assert {k: ours_json[k] for k in theirs_json if k != "numTraining"} == \
-           {k: v for k, v in theirs_json.items() if k != "numTraining"}
-    assert ours_json["numTraining"] == 2 and ours_json["labels"] == {"background": 0, "liver": 1, "cancer": 2}
+    assert {k: ours_json[k] for k in theirs_json if k not in ("numTraining", "labels")} == \
+           {k: v for k, v in theirs_json.items() if k not in ("numTraining", "labels")}
+    # the one deliberate difference: MSD's "cancer" is the package schema's "tumor", same value
+    assert theirs_json["labels"] == {"background": 0, "liver": 1, "cancer": 2}
+    assert ours_json["numTraining"] == 2 and ours_json["labels"] == {"background": 0, "liver": 1, "tumor": 2}
     assert sorted(p.name for p in (out / "imagesTs").iterdir()) == ["liver_2_0000.nii.gz"]
     for i, case in enumerate(train):
         _, label_array = read(out / "labelsTr" / f"liver_{i}.nii.gz")
