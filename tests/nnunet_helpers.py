@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
+from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
 
 BIN = Path(sys.executable).parent
 
@@ -35,3 +36,11 @@ def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd) -> str:
     # nnUNet_n_proc_DA=0: in-process data loading (the planner needs >= 1, training does not)
     return run(["nnUNetv2_train", str(dataset_id), "3d_fullres", str(fold), "-tr", trainer, "-p", plans,
                 "-device", "cpu"], env, cwd, nnUNet_n_proc_DA="0")
+
+
+def write_tiny_phantom_dataset(root: Path, dataset_id: int, name: str, n_train: int, n_test: int, seed: int) -> Path:
+    """Tiny 3-phase CT phantom cases (24x64x64), each with 1-2 visible lesions, into root/raw."""
+    config = PhantomConfig(shape=(24, 64, 64), n_lesions_range=(1, 2), lesion_diameter_range_mm=(10, 24),
+                           p_no_lesion=0.0)
+    cases = generate_cases(n_train + n_test, config, seed=seed, progress=False)
+    return write_nnunet_raw(root / "raw", dataset_id, name, cases[:n_train], cases[n_train:])

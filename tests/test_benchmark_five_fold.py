@@ -6,8 +6,7 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
-from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train
+from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train, write_tiny_phantom_dataset
 
 DATASET_ID = 912
 PLANS = "nnUNetPlans_CPUDemo"
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.slow
 def benchmark_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("five_fold")
     env = nnunet_env(root)
-    config = PhantomConfig(shape=(24, 64, 64), n_lesions_range=(1, 2), lesion_diameter_range_mm=(10, 24),
-                           p_no_lesion=0.0)
-    write_nnunet_raw(root / "raw", DATASET_ID, "FiveFold", generate_cases(10, config, seed=5, progress=False))
+    write_tiny_phantom_dataset(root, DATASET_ID, "FiveFold", n_train=10, n_test=0, seed=5)
     plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
     for trainer in (BASELINE, METHOD):
         for fold in range(5):

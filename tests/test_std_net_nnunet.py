@@ -14,8 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
-from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
-from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train
+from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train, write_tiny_phantom_dataset
 
 DATASET_ID = 911
 PLANS = "nnUNetPlans_CPUDemo"
@@ -26,10 +25,7 @@ TRAINER = "nnUNetTrainerSTDNet_tiny"
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root)
-    config = PhantomConfig(shape=(24, 64, 64), n_lesions_range=(1, 2), lesion_diameter_range_mm=(10, 24),
-                           p_no_lesion=0.0)
-    cases = generate_cases(8, config, seed=3, progress=False)
-    dataset = write_nnunet_raw(root / "raw", DATASET_ID, "STDNetE2E", cases[:6], cases[6:])
+    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "STDNetE2E", n_train=6, n_test=2, seed=3)
     plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
     log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
     model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
