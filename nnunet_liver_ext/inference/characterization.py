@@ -28,6 +28,7 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
+from nnunet_liver_ext.training.multitask_trainer import tumor_label_value
 from nnunet_liver_ext.training.plans import liver_ext_block
 
 CSV_NAME = "characterization.csv"
@@ -55,7 +56,6 @@ class CaseCharacterization:
 
 
 def _seg_channel_of_tumor(label_manager, dataset_json: dict) -> int:
-    from nnunet_liver_ext.training.multitask_trainer import tumor_label_value
     if label_manager.has_regions:
         raise NotImplementedError("characterization with region-based training is not supported")
     return list(label_manager.all_labels).index(tumor_label_value(dataset_json))

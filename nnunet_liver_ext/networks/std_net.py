@@ -23,7 +23,7 @@ dataset's channels are its phases.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Type, Union
+from typing import List, Optional, Sequence, Type
 
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder

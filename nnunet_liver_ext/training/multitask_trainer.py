@@ -68,7 +68,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         targets = CaseTargets.from_dataset_json(dataset_json)
         plans = copy.deepcopy(plans)
-        plans[PLANS_KEY] = self.plans_block(targets, dataset_json, plans.get(PLANS_KEY))
+        plans[PLANS_KEY] = self.plans_block(targets, plans.get(PLANS_KEY))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_targets = targets
         self.tumor_label = tumor_label_value(dataset_json)
@@ -83,7 +83,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
                                    "channel order.")
 
     @staticmethod
-    def plans_block(targets: CaseTargets, dataset_json: dict, existing: Optional[dict]) -> dict:
+    def plans_block(targets: CaseTargets, existing: Optional[dict]) -> dict:
         block = dict(existing or {})
         block["case_classes"] = list(targets.classes) if targets.has_classes else []
         block["phases"] = list(targets.phases) if targets.phases is not None else None

@@ -25,20 +25,10 @@ class HybridOptimizer:
         if not optimizers:
             raise ValueError("HybridOptimizer needs at least one optimizer")
         self.optimizers = list(optimizers)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
 
     @property
     def param_groups(self) -> List[dict]:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
-
-    @property
-    def state(self):
-        merged = {}
-        for optimizer in self.optimizers:
-            merged.update(optimizer.state)
-        return merged
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
@@ -85,12 +75,12 @@ class PolyLRPerGroup:
 
 def split_parameters(network: nn.Module, adaptive_prefixes: Iterable[str]) -> Tuple[list, list]:
     """(parameters for SGD, parameters for AdamW): a parameter goes to AdamW when its name starts
-    with one of ``adaptive_prefixes``. Shared modules registered twice count once."""
+    with one of ``adaptive_prefixes``. A module registered twice (dynamic-network-architectures'
+    decoder keeps a reference to the encoder) counts once, under the name it was registered first:
+    ``named_parameters`` drops duplicates."""
     prefixes = tuple(adaptive_prefixes)
-    sgd, adaptive, seen = [], [], set()
+    sgd, adaptive = [], []
     for name, parameter in network.named_parameters():
-        if id(parameter) in seen or not parameter.requires_grad:
-            continue
-        seen.add(id(parameter))
-        (adaptive if name.startswith(prefixes) else sgd).append(parameter)
+        if parameter.requires_grad:
+            (adaptive if name.startswith(prefixes) else sgd).append(parameter)
     return sgd, adaptive
