@@ -112,6 +112,53 @@ def test_gradients_reach_encoder_temporal_modeler_and_head():
     assert grad_norm(net.decoder) > 0
 
 
+def test_lesion_prior_follows_the_full_resolution_output_not_the_untrained_coarsest():
+    """nnU-Net gives the coarsest deep-supervision output loss weight 0: a prior drawn from it
+    would point the [CLS] pooling at locations the segmentation never learned."""
+    net = make(deep_supervision=True).eval()
+    x = torch.randn(1, 3, *SHAPE3D)
+    with torch.no_grad():
+        before = net(x, heads=True)
+        coarsest_layer, full_resolution_layer = net.decoder.seg_layers[0], net.decoder.seg_layers[-1]
+        coarsest_layer.bias[-1] += 5.0
+        after_coarse = net(x, heads=True)
+        torch.testing.assert_close(after_coarse.cls_logits, before.cls_logits)
+        assert not torch.allclose(after_coarse.seg[-1], before.seg[-1])
+        # ...while the full-resolution lesion probability steers the pooling, hence the class output
+        full_resolution_layer.bias[-1] += 5.0
+        assert not torch.allclose(net(x, heads=True).cls_logits, before.cls_logits)
+
+
+def test_a_given_lesion_mask_replaces_the_networks_own_lesion_probability():
+    net = make(deep_supervision=True).eval()
+    x = torch.randn(1, 3, *SHAPE3D)
+    corner, centre = torch.zeros(1, 1, *SHAPE3D), torch.zeros(1, 1, *SHAPE3D)
+    corner[..., :6, :10, :10] = 1
+    centre[..., 6:12, 10:22, 10:22] = 1
+    with torch.no_grad():
+        guided = net(x, heads=True, lesion_mask=corner).cls_logits
+        net.decoder.seg_layers[-1].bias[-1] += 5.0  # the network's own lesion probability changes...
+        torch.testing.assert_close(net(x, heads=True, lesion_mask=corner).cls_logits, guided)  # ...unused
+        assert not torch.allclose(net(x, heads=True, lesion_mask=centre).cls_logits, guided)
+        # the segmentation itself does not depend on the mask
+        torch.testing.assert_close(net(x, heads=True, lesion_mask=centre).seg[0], net(x)[0])
+
+
+def test_case_pooling_uses_the_same_locations_in_every_phase():
+    from nnunet_liver_ext.networks.blocks import AttentionPool
+    torch.manual_seed(0)
+    pool = AttentionPool(4)
+    tokens = torch.randn(2, 3, 10, 4)  # (B, N, L, C)
+    pooled = pool(tokens)
+    weights = torch.softmax(pool.score(tokens).squeeze(-1).mean(1), -1)  # (B, L)
+    torch.testing.assert_close(pooled, (weights[:, None, :, None] * tokens).sum(2))
+    # a location scored high in one phase is looked at in all of them
+    tokens[:, 0, 3] = 50 * pool.score.weight.detach()[0]
+    weights = torch.softmax(pool.score(tokens).squeeze(-1).mean(1), -1)
+    assert (weights.argmax(-1) == 3).all()
+    torch.testing.assert_close(pool(tokens)[:, 2], (weights[..., None] * tokens[:, 2]).sum(1))
+
+
 def test_reference_phase_decodes_from_that_phase_alone():
     net = make(reference_phase=1).eval()
     x = torch.randn(1, 3, *SHAPE3D)

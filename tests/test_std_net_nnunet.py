@@ -93,3 +93,32 @@ def test_checkpoint_rebuilds_and_reloads_with_its_heads(workspace):
     patch = plans.get_configuration("3d_fullres").patch_size
     out = network.eval()(torch.zeros(1, 3, *patch), heads=True)
     assert out.cls_logits.shape == (1, len(plans.plans["nnunet_liver_ext"]["case_classes"]))
+
+
+TRAIN_STEP_PROBE = """
+import sys, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+trainer = get_trainer_from_args(sys.argv[1], "3d_fullres", 0, sys.argv[2], sys.argv[3], device=torch.device("cpu"))
+trainer.initialize()
+loader, _ = trainer.get_dataloaders()
+seen = []
+forward = trainer.network.forward
+def recording_forward(x, heads=False, lesion_mask=None):
+    seen.append(lesion_mask)
+    return forward(x, heads=heads, lesion_mask=lesion_mask)
+trainer.network.forward = recording_forward
+batch = next(loader)
+trainer.train_step(batch)
+mask, target = seen[0], batch["target"][0]
+assert mask is not None and mask.shape == target.shape, (None if mask is None else mask.shape, target.shape)
+assert torch.equal(mask, (target == trainer.tumor_label).float()) and mask.sum() > 0
+print("reference lesion mask passed:", int(mask.sum().item()), "voxels")
+"""
+
+
+def test_train_step_guides_the_heads_with_the_reference_lesion_mask(workspace):
+    """Through nnU-Net's own trainer construction, data loader and augmentation: the batch's tumor
+    mask reaches the network as ``lesion_mask``."""
+    out = run(["python", "-c", TRAIN_STEP_PROBE, str(DATASET_ID), TRAINER, PLANS], workspace["env"],
+              workspace["root"], nnUNet_n_proc_DA="0")
+    assert "reference lesion mask passed:" in out

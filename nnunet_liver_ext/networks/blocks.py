@@ -92,7 +92,10 @@ class AttentionPool(nn.Module):
     ``log_prior`` ``(B, L)``, optional, is added to the scores: a location's prior weight (e.g. the
     network's own lesion probability there) in log space.
 
-    Input ``(B, L, C)`` tokens (L locations), output ``(B, C)``.
+    Input ``(B, L, C)`` tokens (L locations), output ``(B, C)``. Input ``(B, N, L, C)`` (N co-registered
+    phases of the same L locations) gives ``(B, N, C)``, every phase pooled with the same spatial
+    weights (its scores averaged over phases): a lesion that is iso-intense in one phase is still
+    looked at in that phase, so the phase tokens compare the same tissue.
     """
 
     def __init__(self, channels: int):
@@ -100,19 +103,29 @@ class AttentionPool(nn.Module):
         self.score = nn.Linear(channels, 1)
 
     def forward(self, tokens: torch.Tensor, log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
-        scores = self.score(tokens).float()
+        scores = self.score(tokens).float().squeeze(-1)  # (B, L) or (B, N, L)
+        if tokens.ndim == 4:
+            scores = scores.mean(1)
         if log_prior is not None:
-            scores = scores + log_prior.unsqueeze(-1).float()
-        weights = torch.softmax(scores, dim=1).to(tokens.dtype)
-        return (weights * tokens).sum(1)
+            scores = scores + log_prior.float()
+        weights = torch.softmax(scores, dim=-1).to(tokens.dtype)  # (B, L)
+        if tokens.ndim == 4:
+            return torch.einsum("bl,bnlc->bnc", weights, tokens)
+        return torch.einsum("bl,blc->bc", weights, tokens)
 
 
-def lesion_log_prior(seg: torch.Tensor, lesion_channel: int, spatial_size, eps: float = 1e-3) -> torch.Tensor:
-    """log of the lesion probability of segmentation logits ``(B, K, *S)``, averaged onto
-    ``spatial_size`` and flattened to ``(B, L)``. Detached: the case-level loss must not reshape the
-    segmentation, only use it to look at the lesion."""
+def lesion_probability(seg: torch.Tensor, lesion_channel: int) -> torch.Tensor:
+    """``(B, 1, *S)`` softmax probability of channel ``lesion_channel`` of segmentation logits
+    ``(B, K, *S)``. Detached: the case-level loss must not reshape the segmentation, only use it to
+    look at the lesion."""
     channel = lesion_channel % seg.shape[1]
-    probability = torch.softmax(seg.detach().float(), 1)[:, channel:channel + 1]
+    return torch.softmax(seg.detach().float(), 1)[:, channel:channel + 1]
+
+
+def lesion_log_prior(probability: torch.Tensor, spatial_size, eps: float = 1e-3) -> torch.Tensor:
+    """log of a lesion probability map ``(B, 1, *S)``, averaged onto ``spatial_size`` and flattened
+    to ``(B, L)``: the ``log_prior`` of :class:`AttentionPool`."""
+    probability = probability.detach().float()
     pooled = nn.functional.adaptive_avg_pool3d(probability, spatial_size) if probability.ndim == 5 \
         else nn.functional.adaptive_avg_pool2d(probability, spatial_size)
     return torch.log(pooled.flatten(1) + eps)

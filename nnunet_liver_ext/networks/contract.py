@@ -5,6 +5,10 @@
   Stock ``nnUNetv2_predict``, sliding-window validation and ``torch.compile`` need nothing else.
 - ``net(x, heads=True)`` returns a :class:`NetworkOutput` carrying the same ``seg`` plus the case
   level heads the method has. ``heads`` is a keyword so DDP's wrapper passes it through.
+- ``net(x, heads=True, lesion_mask=m)``: ``m`` ``(B, 1, *spatial)`` in [0, 1] says where the lesion
+  is when that is known (in training: the reference segmentation). A network whose case heads look
+  at the lesion uses it instead of its own prediction; one whose heads do not ignores it. Every
+  network accepts the keyword, so the trainer passes it without knowing the method.
 
 Every head lives inside the network module, so nnU-Net's checkpoints (which store
 ``self.network``'s state dict) and ``--c`` resume keep them.

@@ -9,9 +9,11 @@ Where the paper is silent (ours, see METHODS.md):
 - T runs across phases at every bottleneck location (tokens = phases, one sequence per voxel,
   as in divided space-time attention). The [CLS] sequence runs over the N phase tokens pooled
   over space by attention pooling; both sequences share T's weights and the phase positional
-  encodings ``E_pos`` (N + 1 rows, row 0 for [CLS]). The pooling is steered by the network's own
-  (detached) lesion probability: with a learned attention alone, nnU-Net's SGD schedule left the
-  class head at chance on the phantom for 1500 iterations (benchmarks/results/).
+  encodings ``E_pos`` (N + 1 rows, row 0 for [CLS]). The pooling weights are shared by the
+  phases (the same locations in every phase) and steered by the network's own (detached) lesion
+  probability: given where the lesion is, T learns the classes within a few hundred steps;
+  without that, it has to find the lesion from the classification loss alone and stayed at
+  chance (benchmarks/characterization_probe.py, benchmarks/results/).
 - Decoder input and skips are fused over phases by learned voxel-wise attention weights;
   ``reference_phase`` reproduces the paper's single-phase decoding.
 - Hybrid ablation (Table 4 e): after T's third layer, a low-rank bilinear fusion adds each
@@ -32,8 +34,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
-                                              encoder_skip_sizes, lesion_log_prior, mlp_head, numel,
-                                              spatial_dims)
+                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, mlp_head,
+                                              numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 
 TEMPORAL_MODELERS = ("transformer", "hybrid", "convgru", "mean")
@@ -118,9 +120,7 @@ class TemporalTransformer(nn.Module):
         steers the spatial pooling towards the lesion."""
         b, n = features.shape[:2]
         tokens = self.proj_in(features.flatten(3).transpose(2, 3))  # (B, N, V, E)
-        e = tokens.shape[-1]
-        prior = log_prior.repeat_interleave(n, 0) if log_prior is not None else None
-        pooled = self.pool(tokens.flatten(0, 1), prior).view(b, n, e)
+        pooled = self.pool(tokens, log_prior)  # (B, N, E), the same locations in every phase
         cls_seq = torch.cat((self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :1],
                              pooled + self.pos_embed[:, 1:n + 1]), 1)
         for layer in self.layers:
@@ -149,12 +149,14 @@ class STDNet(nn.Module):
         hybrid_rank: rank of the hybrid fusion.
         lesion_channel: segmentation output holding the lesion (tumor) class; the spatial pooling of
             the characterization path adds the log of its (detached) probability to its attention
-            scores, so the head looks at the lesion from the start of training instead of having to
-            find it (ours). ``None`` pools by learned attention alone. Default: the last output
+            scores, so the head looks where the segmentation sees the lesion instead of having to
+            find it from the classification loss alone (ours). ``None`` pools by learned attention alone. Default: the last output
             (label 2 = tumor in this package's label convention).
 
-    forward(x (B, N * channels_per_phase, *S), heads=False) -> seg logits (list with deep
-    supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
+    forward(x (B, N * channels_per_phase, *S), heads=False, lesion_mask=None) -> seg logits (list
+    with deep supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
+    ``lesion_mask`` (B, 1, *S), when given, replaces the network's own lesion probability in the
+    pooling of the characterization path (the trainer passes the reference lesion mask).
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
@@ -253,7 +255,7 @@ class STDNet(nn.Module):
             summary = temporal_bottleneck.mean(1)
         return self.case_pool(summary.flatten(2).transpose(1, 2), log_prior)
 
-    def forward(self, x: torch.Tensor, heads: bool = False):
+    def forward(self, x: torch.Tensor, heads: bool = False, lesion_mask: Optional[torch.Tensor] = None):
         skips = self._phase_skips(x)
         encoder_bottleneck = skips[-1]
         if self.temporal is not None:
@@ -265,8 +267,12 @@ class STDNet(nn.Module):
         if self.cls_head is not None:
             log_prior = None
             if self.lesion_channel is not None:
-                coarsest = seg[-1] if isinstance(seg, (list, tuple)) else seg
-                log_prior = lesion_log_prior(coarsest, self.lesion_channel, encoder_bottleneck.shape[3:])
+                if lesion_mask is None:
+                    # The full-resolution output: nnU-Net gives the coarsest deep-supervision output
+                    # loss weight 0, so that one never learns where the lesion is.
+                    full_resolution = seg[0] if isinstance(seg, (list, tuple)) else seg
+                    lesion_mask = lesion_probability(full_resolution, self.lesion_channel)
+                log_prior = lesion_log_prior(lesion_mask, encoder_bottleneck.shape[3:])
             cls_logits = self.cls_head(self._case_feature(encoder_bottleneck, skips[-1], log_prior))
         return NetworkOutput(seg=seg, cls_logits=cls_logits)
 

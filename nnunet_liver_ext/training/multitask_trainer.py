@@ -7,7 +7,8 @@
   shape needs into the plans (``training.plans.PLANS_KEY``), so inference rebuilds it;
 - ``build_network_architecture`` (a classmethod, so ablation trainers only change
   ``network_kwargs``): builds ``network_class`` from the plans;
-- ``train_step``: ``net(x, heads=True)``, nnU-Net's seg loss plus the weighted case-level terms;
+- ``train_step``: ``net(x, heads=True, lesion_mask=...)``, nnU-Net's seg loss plus the weighted
+  case-level terms;
 - ``get_training_transforms``: nnU-Net's augmentation with intensity transforms shared by all
   phases of a sample (``training.augmentation``);
 - ``configure_optimizers``: AdamW for ``adaptive_module_prefixes`` (attention, heads), SGD else;
@@ -63,6 +64,11 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     adaptive_weight_decay: float = 1e-5
     #: brightness/contrast/gamma augmentation identical for all phases of a sample (training.augmentation)
     synchronize_phase_intensity_augmentation: bool = True
+    #: in training, the case heads look at the reference tumor mask (``lesion_mask`` of the network
+    #: contract) rather than at the network's own prediction, so they learn from the first iteration
+    #: instead of waiting for the segmentation to find tumors; validation and inference use the
+    #: prediction (benchmarks/characterization_probe.py)
+    guide_heads_with_reference_lesion: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -181,9 +187,14 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         keys = [str(k) for k in batch["keys"]]
 
+        lesion_mask = None
+        if self.guide_heads_with_reference_lesion:
+            full_res_target = target[0] if isinstance(target, list) else target
+            lesion_mask = (full_res_target == self.tumor_label).float()
+
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            output = self.network(data, heads=True)
+            output = self.network(data, heads=True, lesion_mask=lesion_mask)
             seg_loss = self.loss(output.seg, target)
             terms = self.case_loss_terms(output, target, keys)
             loss = seg_loss + sum(terms.values()) if terms else seg_loss
