@@ -150,8 +150,8 @@ class STDNet(nn.Module):
         lesion_channel: segmentation output holding the lesion (tumor) class; the spatial pooling of
             the characterization path adds the log of its (detached) probability to its attention
             scores, so the head looks where the segmentation sees the lesion instead of having to
-            find it from the classification loss alone (ours). ``None`` pools by learned attention alone. Default: the last output
-            (label 2 = tumor in this package's label convention).
+            find it from the classification loss alone (ours). ``None`` pools by learned attention
+            alone. Default: the last output (label 2 = tumor in this package's label convention).
 
     forward(x (B, N * channels_per_phase, *S), heads=False, lesion_mask=None) -> seg logits (list
     with deep supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
