@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 from nnunet_liver_ext.dataset_conversion.common import (
-    REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions, check_unique_case_ids,
-    convert_single_image_case, is_junk_file, run_conversion, select_phases, single_phase_dataset_json,
-    strip_nifti_suffix)
+    REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions,
+    check_unique_case_ids, convert_single_image_case, duplicate_file_errors, is_junk_file,
+    run_conversion, select_phases, single_phase_dataset_json, strip_nifti_suffix)
 
 MRI_CHANNEL_NAME = "T1"
 
@@ -42,12 +42,9 @@ def discover(src: str | Path) -> list[CaseTask]:
                                                 None, images_dir)])
     images, labels = _numbered(images_dir, "im"), _numbered(labels_dir, "lb")
     test_images = _numbered(src / "test" / "imagesTs", "im")
-    errors = []
-    for kind, table in (("im", images), ("lb", labels), ("im (test)", test_images)):
-        for number, paths in table.items():
-            if len(paths) > 1:
-                errors.append(ConversionError(f"duplicate case id: {kind}{number} exists as "
-                                              f"{', '.join(map(str, paths))}", f"atlas_{number:03d}", paths[1]))
+    errors = duplicate_file_errors((f"{kind}{number}", f"atlas_{number:03d}", paths)
+                                   for kind, table in (("im", images), ("lb", labels), ("im (test)", test_images))
+                                   for number, paths in table.items())
     for number, paths in labels.items():
         if number not in images:
             errors.append(ConversionError("label without a matching image im{N}", f"atlas_{number:03d}", paths[0]))

@@ -583,6 +583,14 @@ def _first_source(task: CaseTask) -> str | None:
     return task.label
 
 
+def duplicate_file_errors(entries: Iterable[tuple[str, str, Sequence[Path]]]) -> list[ConversionError]:
+    """One error per source name that matched more than one file. ``entries`` are (the name as the
+    user sees it, e.g. ``volume-3``; its case id; the files it matched, sorted); the error points at
+    the second file."""
+    return [ConversionError(f"duplicate case id: {name} exists as {', '.join(map(str, paths))}", case_id, paths[1])
+            for name, case_id, paths in entries if len(paths) > 1]
+
+
 def check_unique_case_ids(tasks: Sequence[CaseTask], source_of: Callable[[CaseTask], str]) -> None:
     seen: dict[str, CaseTask] = {}
     errors = []

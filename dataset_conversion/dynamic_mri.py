@@ -13,8 +13,8 @@ from pathlib import Path
 
 from nnunet_liver_ext.dataset_conversion.common import (
     MRI_PHASES, REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions,
-    IncompleteCaseError, is_junk_file, read_case_table, read_image, run_conversion, select_phases,
-    strip_nifti_suffix)
+    IncompleteCaseError, duplicate_file_errors, is_junk_file, read_case_table, read_image,
+    run_conversion, select_phases, strip_nifti_suffix)
 from nnunet_liver_ext.dataset_conversion.multiphase import multiphase_dataset_json, register_and_write
 
 MRI_CHANNEL_NAME = "T1"
@@ -41,11 +41,8 @@ def discover(src: str | Path, options: ConversionOptions) -> list[CaseTask]:
     table = read_case_table(csv_path, ("case_id", "case", "id"), MRI_PHASES) if (
         options.classes_csv or csv_path.is_file()) else {}
     masks = _nifti_files(src / "masks")
-    errors, tasks = [], []
-    for case_id, paths in masks.items():
-        if len(paths) > 1:
-            errors.append(ConversionError(f"duplicate case id: mask exists as {', '.join(map(str, paths))}",
-                                          case_id, paths[1]))
+    errors = duplicate_file_errors(("mask", case_id, paths) for case_id, paths in masks.items())
+    tasks = []
     case_dirs = sorted(p for p in images_root.iterdir() if p.is_dir() and not is_junk_file(p.name))
     for case_dir in case_dirs:
         case_id = case_dir.name

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from nnunet_liver_ext.dataset_conversion.common import (
     REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions,
-    check_unique_case_ids, convert_single_image_case, is_junk_file, run_conversion, select_phases,
-    single_phase_dataset_json, strip_nifti_suffix)
+    check_unique_case_ids, convert_single_image_case, duplicate_file_errors, is_junk_file,
+    run_conversion, select_phases, single_phase_dataset_json, strip_nifti_suffix)
 
 _PATTERN = re.compile(r"^(volume|segmentation|test-volume)-(\d+)$")
 
@@ -32,12 +32,9 @@ def discover(src: str | Path) -> list[CaseTask]:
         match = _PATTERN.match(stem)
         if match:
             found.setdefault((match.group(1), int(match.group(2))), []).append(path)
-    errors = []
-    for (kind, number), paths in found.items():
-        if len(paths) > 1:
-            case_id = f"lits_test_{number}" if kind == "test-volume" else f"lits_{number}"
-            errors.append(ConversionError(f"duplicate case id: {kind}-{number} exists as "
-                                          f"{', '.join(str(p) for p in paths)}", case_id, paths[1]))
+    errors = duplicate_file_errors(
+        (f"{kind}-{number}", f"lits_test_{number}" if kind == "test-volume" else f"lits_{number}", paths)
+        for (kind, number), paths in found.items())
     for (kind, number), paths in found.items():
         if kind == "segmentation" and ("volume", number) not in found:
             errors.append(ConversionError("segmentation without a matching volume-N file", f"lits_{number}",
