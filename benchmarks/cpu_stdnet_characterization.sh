@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Does STD-Net's characterization learn inside a real nnU-Net training? The README demo's pipeline
 # (scripts/demo.sh: phantom -> nnUNetv2_plan_and_preprocess -> CPU-sized plans -> nnUNetv2_train ->
-# nnunet-liver predict -> nnunet-liver evaluate) with more cases and the `short` schedule
-# (20 x 50 iterations; pass nnUNetTrainerSTDNet_5epochs for 5 x 250) on the CPU of this 2-core
-# machine: about 40 (55) minutes.
-# Results (report, summary, per-case metrics, training log, class predictions) go to
+# nnunet-liver predict -> nnunet-liver evaluate) with more cases and a longer schedule on the CPU
+# of this 2-core machine: `short` (20 x 50 iterations, about 40 minutes), or pass
+# nnUNetTrainerSTDNet_5epochs (5 x 250, about 55) or nnUNetTrainerSTDNet_10epochs (10 x 250, about 92).
+# Results (held-out and fold-0 validation evaluations, training log, class predictions) go to
 # benchmarks/results/cpu_stdnet_characterization/RUN_NAME/.
 #   bash benchmarks/cpu_stdnet_characterization.sh [TRAINER] [RUN_NAME]
+# REPORT_ONLY=1 skips the run and rebuilds the results folder from an existing work folder.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 trainer=${1:-nnUNetTrainerSTDNet_short}
@@ -14,14 +15,27 @@ name=${2:-$trainer}
 work="$repo/demo_work_cpu_characterization_$name"
 out="$repo/benchmarks/results/cpu_stdnet_characterization/$name"
 start=$(date +%s)
-DEMO_CASES=${DEMO_CASES:-48} DEMO_TEST=${DEMO_TEST:-16} DEMO_TRAINER=$trainer DEMO_WORK="$work" \
-  bash "$repo/scripts/demo.sh" 2>&1 | tee "$work.log"
+if [ "${REPORT_ONLY:-0}" != 1 ]; then
+  DEMO_CASES=${DEMO_CASES:-48} DEMO_TEST=${DEMO_TEST:-16} DEMO_TRAINER=$trainer DEMO_WORK="$work" \
+    bash "$repo/scripts/demo.sh" 2>&1 | tee "$work.log"
+else
+  source "$repo/scripts/setup_env.sh"
+fi
 mkdir -p "$out"
 cp "$work/evaluation/report.md" "$work/evaluation/summary.json" "$work/evaluation/per_case_metrics.csv" "$out/"
 fold="$(echo "$work"/nnUNet_results/*/"${trainer}__nnUNetPlans_CPUDemo__3d_fullres"/fold_0)"
 cp "$fold"/training_log_*.txt "$out/training_log.txt"
 cp "$fold/validation/characterization.csv" "$out/fold0_validation_characterization.csv"
 cp "$work/predictions/characterization.csv" "$out/test_characterization.csv"
+# the fold-0 validation cases (out-of-fold predictions written at the end of training)
+raw="$(echo "$work"/nnUNet_raw/Dataset500_*)"
+rm -rf "$work/fold0_validation_labels" && mkdir "$work/fold0_validation_labels"
+for prediction in "$fold"/validation/*.nii.gz; do
+  ln -s "$raw/labelsTr/$(basename "$prediction")" "$work/fold0_validation_labels/"
+done
+nnunet-liver evaluate "$fold/validation" "$work/fold0_validation_labels" --dataset-json "$raw/dataset.json" \
+  -o "$out/fold0_validation" -np 1 --quiet --no-plots
 grep -E "^(held-out cases|Dice |characterization \()" "$work.log" > "$out/summary.txt"
-echo "wall time $(( $(date +%s) - start )) s, trainer $trainer, $(nproc) CPU cores" >> "$out/summary.txt"
+python "$repo/scripts/print_evaluation.py" "$out/fold0_validation" "fold-0 validation" >> "$out/summary.txt"
+[ "${REPORT_ONLY:-0}" = 1 ] || echo "wall time $(( $(date +%s) - start )) s, trainer $trainer, $(nproc) CPU cores" >> "$out/summary.txt"
 cat "$out/summary.txt"

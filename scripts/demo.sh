@@ -60,22 +60,5 @@ json.dump(targets, open(out, "w"))
 EOF
 nnunet-liver evaluate "$work/predictions" "$dataset/labelsTs" -o "$work/evaluation" \
   --dataset-json "$work/eval_targets.json" -np 1 --quiet
-python - "$work/evaluation" <<'EOF'
-import csv, json, statistics, sys
-folder = sys.argv[1]
-rows = list(csv.DictReader(open(f"{folder}/per_case_metrics.csv")))
-def mean(column):
-    values = [float(r[column]) for r in rows if r.get(column) not in (None, "", "nan")]
-    return statistics.mean(values) if values else float("nan")
-print(f"held-out cases: {len(rows)}")
-print(f"Dice liver (region {{1,2}}): {mean('liver_region_dice'):.3f}")
-print(f"Dice tumor (label 2):       {mean('tumor_dice'):.3f}")
-summary = json.load(open(f"{folder}/summary.json")).get("characterization", {})
-for source, result in summary.items():
-    pooled = result.get("pooled", {})
-    print(f"characterization ({pooled.get('n_cases')} cases, classes {pooled.get('classes')}): "
-          f"accuracy {pooled.get('accuracy', float('nan')):.3f}, "
-          f"balanced accuracy {pooled.get('balanced_accuracy', float('nan')):.3f}, "
-          f"AUC one-vs-rest {pooled.get('auc_ovr_macro', float('nan')):.3f}")
-EOF
+python "$repo/scripts/print_evaluation.py" "$work/evaluation"
 step "done: report $work/evaluation/report.md, predictions $work/predictions (CASE.nii.gz + CASE.json)"

@@ -84,6 +84,12 @@ class nnUNetTrainerSTDNet_5epochs(nnUNetTrainerSTDNet):
         apply_schedule(self, "5epochs")
 
 
+class nnUNetTrainerSTDNet_10epochs(nnUNetTrainerSTDNet):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, "10epochs")
+
+
 class nnUNetTrainerSTDNet_short(nnUNetTrainerSTDNet):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

@@ -13,6 +13,9 @@ from torch.optim.lr_scheduler import _LRScheduler
 SCHEDULES = {
     # nnU-Net's iterations, few epochs: smoke runs on a GPU
     "5epochs": (5, 250, 50),
+    # long enough for the CPU-demo plans to find the phantom's tumors on a 2-core CPU (about 80 min;
+    # benchmarks/cpu_stdnet_characterization.sh)
+    "10epochs": (10, 250, 50),
     # a like-for-like comparison on a GPU in minutes (benchmarks/gpu_stdnet_vs_nnunet.py)
     "short": (20, 50, 5),
     # the README demo on a 2-core CPU with the CPU-demo plans
