@@ -21,21 +21,28 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
 else
   source "$repo/scripts/setup_env.sh"
 fi
-mkdir -p "$out"
-cp "$work/evaluation/report.md" "$work/evaluation/summary.json" "$work/evaluation/per_case_metrics.csv" "$out/"
+mkdir -p "$out/fold0_validation"
 fold="$(echo "$work"/nnUNet_results/*/"${trainer}__nnUNetPlans_CPUDemo__3d_fullres"/fold_0)"
 cp "$fold"/training_log_*.txt "$out/training_log.txt"
 cp "$fold/validation/characterization.csv" "$out/fold0_validation_characterization.csv"
 cp "$work/predictions/characterization.csv" "$out/test_characterization.csv"
-# the fold-0 validation cases (out-of-fold predictions written at the end of training)
+# the fold-0 validation cases (out-of-fold predictions written at the end of training), scored
+# against their own labels only
 raw="$(echo "$work"/nnUNet_raw/Dataset500_*)"
 rm -rf "$work/fold0_validation_labels" && mkdir "$work/fold0_validation_labels"
 for prediction in "$fold"/validation/*.nii.gz; do
   ln -s "$raw/labelsTr/$(basename "$prediction")" "$work/fold0_validation_labels/"
 done
 nnunet-liver evaluate "$fold/validation" "$work/fold0_validation_labels" --dataset-json "$raw/dataset.json" \
-  -o "$out/fold0_validation" -np 1 --quiet --no-plots
+  -o "$work/fold0_validation_evaluation" -np 1 --quiet --no-plots
+# the evaluations' results, without their metrics caches (local absolute paths)
+for file in report.md summary.json per_case_metrics.csv; do
+  cp "$work/evaluation/$file" "$out/"
+  cp "$work/fold0_validation_evaluation/$file" "$out/fold0_validation/"
+done
+wall_time=$(grep "^wall time" "$out/summary.txt" 2>/dev/null || true)  # kept by REPORT_ONLY
+[ "${REPORT_ONLY:-0}" = 1 ] || wall_time="wall time $(( $(date +%s) - start )) s, trainer $trainer, $(nproc) CPU cores"
 grep -E "^(held-out cases|Dice |characterization \()" "$work.log" > "$out/summary.txt"
 python "$repo/scripts/print_evaluation.py" "$out/fold0_validation" "fold-0 validation" >> "$out/summary.txt"
-[ "${REPORT_ONLY:-0}" = 1 ] || echo "wall time $(( $(date +%s) - start )) s, trainer $trainer, $(nproc) CPU cores" >> "$out/summary.txt"
+[ -z "$wall_time" ] || echo "$wall_time" >> "$out/summary.txt"
 cat "$out/summary.txt"
