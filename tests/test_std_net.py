@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from nnunet_liver_ext.networks.contract import NetworkOutput
-from nnunet_liver_ext.networks.std_net import STDNet
+from nnunet_liver_ext.networks.std_net import STDNet, TemporalTransformer
 
 
 def plans_kwargs(dim: int = 3, n_stages: int = 3, features=(8, 16, 32)) -> dict:
@@ -193,3 +193,61 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, message):
 def test_wrong_number_of_input_channels_is_a_clear_error():
     with pytest.raises(ValueError, match="expected 3 input channels"):
         make()(torch.randn(1, 2, *SHAPE3D))
+
+
+STD_NET_VARIANTS = [{}, {"temporal": "hybrid", "num_layers": 3}, {"temporal": "convgru"}, {"temporal": "mean"},
+                    {"fusion": "early"}, {"share_encoder": False}, {"reference_phase": 1}]
+
+
+@pytest.mark.parametrize("num_case_classes", [0, 4])
+@pytest.mark.parametrize("variant", STD_NET_VARIANTS, ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) or "std")
+def test_ddp_trains_every_variant_with_and_without_case_classes(variant, num_case_classes, tmp_path):
+    """nnU-Net wraps the network in DDP without find_unused_parameters: a parameter the training step
+    never reaches (e.g. a [CLS] token built for a dataset without classes) fails the second step with
+    "Expected to have finished reduction in the prior iteration". A one-process gloo group is enough
+    to see it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nnunet_liver_ext.losses.case_losses import masked_cross_entropy
+
+    net = make(deep_supervision=True, num_case_classes=num_case_classes, **variant)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'ddp_rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(net)
+        x = torch.randn(2, 3, *SHAPE3D)
+        lesion = (torch.rand(2, 1, *SHAPE3D) > 0.9).float()
+        for _ in range(3):
+            out = ddp(x, heads=True, lesion_mask=lesion)
+            loss = sum(s.float().mean() for s in out.seg)
+            if out.cls_logits is not None:  # a batch without tumor patches: the graph-connected zero
+                loss = loss + masked_cross_entropy(out.cls_logits, torch.zeros(2, dtype=torch.long),
+                                                   torch.zeros(2, dtype=torch.bool))
+            loss.backward()
+        without_grad = [name for name, p in net.named_parameters() if p.grad is None]
+        assert without_grad == []
+    finally:
+        dist.destroy_process_group()
+    if num_case_classes == 0:
+        assert net.cls_head is None and net.case_pool is None
+        if isinstance(net.temporal, TemporalTransformer):
+            assert net.temporal.cls_token is None and net.temporal.pool is None
+
+
+def test_hybrid_fusion_reaches_the_class_head():
+    """Ablation (e) must train a different classification path than the full model: the class loss
+    reaches the hybrid fusion's parameters, and they change the class output, in the paper's 6-layer
+    T (fusion after layer 3) and when the fusion follows the last layer."""
+    for num_layers in (6, 3):
+        net = make(temporal="hybrid", num_layers=num_layers).eval()
+        nn.init.normal_(net.temporal.hybrid.up.weight, std=1.0)  # the fusion starts as the identity
+        x = torch.randn(2, 3, *SHAPE3D)
+        lesion = (torch.rand(2, 1, *SHAPE3D) > 0.9).float()  # fixed pooling: only the hybrid path differs
+        with torch.no_grad():
+            before = net(x, heads=True, lesion_mask=lesion).cls_logits
+            net.temporal.hybrid.context_proj.weight.mul_(3)
+            after = net(x, heads=True, lesion_mask=lesion).cls_logits
+        assert not torch.allclose(before, after, atol=1e-6)
+        net(x, heads=True, lesion_mask=lesion).cls_logits.square().sum().backward()
+        for name, p in net.temporal.hybrid.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -44,9 +44,15 @@ def test_training_writes_checkpoint_validation_and_case_jsons(workspace):
         assert result["case"] == case and result["classes"] == classes
         assert abs(sum(result["probabilities"]) - 1) < 1e-5
         assert result["predicted_class"] == classes[result["predicted_index"]]
+        assert result["lesion_voxels"] == _tumor_voxels(fold / "validation" / f"{case}.nii.gz")
+        assert result["lesion_detected"] in (True, False)
     assert (fold / "validation" / "characterization.csv").is_file()
     assert "Characterization on validation: accuracy" in workspace["train_log"]
     assert "train terms (weighted): seg_loss" in workspace["train_log"]
+
+
+def _tumor_voxels(segmentation: Path) -> int:
+    return int((sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation))) == 2).sum())
 
 
 def _assert_same_geometry(prediction: Path, reference: Path):
@@ -70,6 +76,9 @@ def test_prediction_with_stock_and_characterization_predictor(workspace, command
         _assert_same_geometry(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz")
         has_json = (out / f"{case}.json").is_file()
         assert has_json == (command == "nnunet-liver")
+        if has_json:  # the count describes the segmentation written beside it
+            result = json.loads((out / f"{case}.json").read_text())
+            assert result["lesion_voxels"] == _tumor_voxels(out / f"{case}.nii.gz")
     if command == "nnunet-liver":
         rows = (out / "characterization.csv").read_text().strip().splitlines()
         assert rows[0].startswith("case,predicted_class,prob_") and len(rows) == len(cases) + 1

@@ -3,15 +3,22 @@
 Sliding-window prediction sees patches; characterization is per case. For every patch the
 network's heads are evaluated together with the segmentation (``net(x, heads=True)``, with the
 same mirroring as the segmentation), and the patch's class logits (and enhancement curve) are
-averaged with weights equal to the patch's predicted lesion mass: the sum over the patch of the
-tumor softmax probability, in voxels. A case with no predicted lesion mass anywhere falls back
-to the unweighted mean over patches, and its JSON says so. Logits are averaged over folds like
-nnU-Net averages the segmentation logits, then turned into probabilities.
+averaged with weights equal to the number of voxels the segmentation calls lesion in that patch
+(argmax = tumor). Counting voxels rather than summing soft probabilities keeps the weights
+independent of calibration: two million background voxels at p = 1e-4 add nothing, where as a
+soft mass they outweighed a cleanly segmented 512-voxel lesion and flipped the case's class.
+Folds are combined like nnU-Net combines them (mean of logits), over the folds whose
+segmentation found a lesion.
+
+When no fold predicts any lesion voxel, the heads still give probabilities (the unweighted mean
+over patches), but they do not describe a lesion: ``lesion_detected`` is false, ``aggregation``
+says ``no_lesion_uniform``, and the CSV carries the same two columns.
 
 Written next to each ``CASE.nii.gz``: ``CASE.json`` with
-``{"case", "classes", "probabilities", "predicted_class", "predicted_index", "lesion_voxels",
-"enhancement_curve", "phases", "aggregation"}``; and one ``characterization.csv`` per folder.
-``lesion_voxels`` counts tumor voxels of the argmax at the network's (preprocessed) resolution.
+``{"case", "classes", "probabilities", "predicted_class", "predicted_index", "lesion_detected",
+"lesion_voxels", "enhancement_curve", "phases", "aggregation"}``; and one ``characterization.csv``
+per folder. ``lesion_voxels`` is the tumor voxel count of the segmentation file written beside it
+(read back after nnU-Net's export, so the two always agree).
 """
 from __future__ import annotations
 
@@ -28,8 +35,8 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
-from nnunet_liver_ext.training.multitask_trainer import tumor_label_value
-from nnunet_liver_ext.training.plans import liver_ext_block
+from nnunet_liver_ext.training.multitask_trainer import tumor_label_value, tumor_output_channel
+from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block
 
 CSV_NAME = "characterization.csv"
 
@@ -39,26 +46,34 @@ class CaseCharacterization:
     case: str
     classes: List[str]
     probabilities: List[float]
-    lesion_voxels: int
+    lesion_detected: bool
+    lesion_voxels: Optional[int]
     enhancement_curve: Optional[List[float]]
     phases: Optional[List[str]]
     aggregation: str
 
     @property
-    def predicted_index(self) -> int:
-        return int(np.argmax(self.probabilities))
+    def predicted_index(self) -> Optional[int]:
+        return int(np.argmax(self.probabilities)) if self.probabilities else None
+
+    @property
+    def predicted_class(self) -> Optional[str]:
+        return self.classes[self.predicted_index] if self.probabilities else None
 
     def to_json(self) -> dict:
-        return {"case": self.case, "classes": self.classes, "probabilities": self.probabilities,
-                "predicted_class": self.classes[self.predicted_index], "predicted_index": self.predicted_index,
-                "lesion_voxels": self.lesion_voxels, "enhancement_curve": self.enhancement_curve,
-                "phases": self.phases, "aggregation": self.aggregation}
+        result = {"case": self.case, "classes": self.classes, "probabilities": self.probabilities,
+                  "predicted_class": self.predicted_class, "predicted_index": self.predicted_index,
+                  "lesion_detected": self.lesion_detected, "lesion_voxels": self.lesion_voxels,
+                  "enhancement_curve": self.enhancement_curve, "phases": self.phases,
+                  "aggregation": self.aggregation}
+        if not self.lesion_detected:
+            result["note"] = ("no lesion was segmented: the probabilities are the mean over all patches and do "
+                              "not describe a lesion")
+        return result
 
 
-def _seg_channel_of_tumor(label_manager, dataset_json: dict) -> int:
-    if label_manager.has_regions:
-        raise NotImplementedError("characterization with region-based training is not supported")
-    return list(label_manager.all_labels).index(tumor_label_value(dataset_json))
+AGGREGATION_LESION = "predicted_lesion_voxels"
+AGGREGATION_NO_LESION = "no_lesion_uniform"
 
 
 class CharacterizationPredictor(nnUNetPredictor):
@@ -75,14 +90,35 @@ class CharacterizationPredictor(nnUNetPredictor):
     def case_classes(self) -> List[str]:
         return list(liver_ext_block(self.plans_manager.plans).get("case_classes") or [])
 
+    @property
+    def case_heads(self) -> List[str]:
+        """The case-level heads the trained network has ("cls", "curve"), as its trainer wrote them into
+        the plans; plans from before that key had a class head exactly when they had classes."""
+        block = liver_ext_block(self.plans_manager.plans)
+        if "case_heads" in block:
+            return list(block["case_heads"])
+        return ["cls"] if self.case_classes else []
+
+    def no_heads_reason(self) -> str:
+        """Why this model writes no CASE.json, in the user's terms."""
+        plans = self.plans_manager.plans
+        if PLANS_KEY not in plans:
+            return (f"{self.trainer_name} is not one of this package's multi-task trainers, so its network has no "
+                    f"characterization head")
+        if not liver_ext_block(plans).get("method_case_heads", ["cls"]):
+            return f"{self.trainer_name} is a segmentation-only method (no case-level heads)"
+        return (f"the dataset {plans.get('dataset_name')} that {self.trainer_name} was trained on has no "
+                f"'characterization' labels (nor 'enhancement' curves) in its dataset.json, so no head was built")
+
     # --- per patch
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.case_classes:
+        if not self.case_heads:
             return super()._internal_maybe_mirror_and_predict(x)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         out: NetworkOutput = self.network(x, heads=True)
-        seg, cls = out.seg, out.cls_logits.float()
+        seg = out.seg
+        cls = out.cls_logits.float() if out.cls_logits is not None else None
         curve = out.curve.float() if out.curve is not None else None
         combos = []
         if mirror_axes is not None:
@@ -92,94 +128,120 @@ class CharacterizationPredictor(nnUNetPredictor):
         for flip_axes in combos:
             o = self.network(torch.flip(x, flip_axes), heads=True)
             seg = seg + torch.flip(o.seg, flip_axes)
-            cls = cls + o.cls_logits.float()
+            if cls is not None:
+                cls = cls + o.cls_logits.float()
             if curve is not None:
                 curve = curve + o.curve.float()
         n = len(combos) + 1
-        seg, cls = seg / n, cls / n
-        curve = curve / n if curve is not None else None
-        tumor = _seg_channel_of_tumor(self.label_manager, self.dataset_json)
-        mass = torch.softmax(seg.float(), 1)[:, tumor].sum()
-        self._patch_records.append((mass.item(), cls[0].cpu(), curve[0].cpu() if curve is not None else None))
+        seg = seg / n
+        tumor = tumor_output_channel(self.label_manager, self.dataset_json)
+        lesion_voxels = (seg.argmax(1) == tumor).sum()
+        self._patch_records.append((int(lesion_voxels.item()), cls[0].cpu() / n if cls is not None else None,
+                                    curve[0].cpu() / n if curve is not None else None))
         return seg
+
+    # --- one attempt at a sliding-window pass
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        # nnU-Net retries the whole pass with results on the CPU after a RuntimeError (out of memory):
+        # the failed attempt's patch records must not count twice
+        self._patch_records = []
+        return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
 
     # --- per fold (one sliding-window pass)
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
         self._patch_records = []
         logits = super().predict_sliding_window_return_logits(input_image)
-        if self.case_classes:
+        if self.case_heads:
             self._fold_records.append(self._aggregate_patches(self._patch_records))
         return logits
 
     @staticmethod
     def _aggregate_patches(records) -> dict:
-        masses = torch.tensor([r[0] for r in records], dtype=torch.float64)
-        weighted = bool(masses.sum() >= 1.0)  # at least one voxel's worth of tumor probability
-        weights = masses / masses.sum() if weighted else torch.full_like(masses, 1.0 / len(records))
-        cls = sum(w * r[1].double() for w, r in zip(weights, records))
-        curve = None
-        if records[0][2] is not None:
-            curve = sum(w * r[2].double() for w, r in zip(weights, records))
-        return {"cls_logits": cls, "curve": curve, "weighted": weighted}
+        """Patch heads weighted by the patch's predicted lesion voxels; uniform when there are none."""
+        voxels = torch.tensor([r[0] for r in records], dtype=torch.float64)
+        detected = bool(voxels.sum() > 0)
+        weights = voxels / voxels.sum() if detected else torch.full_like(voxels, 1.0 / len(records))
+
+        def weighted_mean(index: int) -> Optional[torch.Tensor]:
+            if records[0][index] is None:
+                return None
+            return sum(w * r[index].double() for w, r in zip(weights, records))
+
+        return {"cls_logits": weighted_mean(1), "curve": weighted_mean(2), "lesion_detected": detected}
 
     # --- per case (all folds)
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         self._fold_records = []
         logits = super().predict_logits_from_preprocessed_data(data)
-        self.last_case = self._combine_folds(logits) if self.case_classes else None
+        self.last_case = self._combine_folds() if self.case_heads else None
         return logits
 
     def characterize_preprocessed(self, data: torch.Tensor) -> dict:
         """One sliding-window pass with the network as it is (no fold loop): the trainer's
         end-of-training validation uses this with its live network."""
         self._fold_records = []
-        logits = self.predict_sliding_window_return_logits(data)
-        return self._combine_folds(logits)
+        self.predict_sliding_window_return_logits(data)
+        return self._combine_folds()
 
-    def _combine_folds(self, logits: torch.Tensor) -> dict:
-        cls = torch.stack([r["cls_logits"] for r in self._fold_records]).mean(0)
-        probabilities = torch.softmax(cls, 0)
+    def _combine_folds(self) -> dict:
+        """Mean of the folds' aggregated heads over the folds that found a lesion (all folds if none did)."""
+        records = [r for r in self._fold_records if r["lesion_detected"]] or self._fold_records
+        detected = records[0]["lesion_detected"]
+        probabilities = None
+        if records[0]["cls_logits"] is not None:
+            probabilities = torch.softmax(torch.stack([r["cls_logits"] for r in records]).mean(0), 0).tolist()
         curve = None
-        if self._fold_records[0]["curve"] is not None:
-            curve = torch.stack([r["curve"] for r in self._fold_records]).mean(0)
+        if records[0]["curve"] is not None:
             mean, std = liver_ext_block(self.plans_manager.plans).get("enhancement_stats", (0.0, 1.0))
-            curve = (curve * std + mean).tolist()
-        tumor = _seg_channel_of_tumor(self.label_manager, self.dataset_json)
-        weighted = all(r["weighted"] for r in self._fold_records)
-        return {"probabilities": probabilities.tolist(), "curve": curve,
-                "lesion_voxels": int((logits.argmax(0) == tumor).sum()),
-                "aggregation": "lesion_mass" if weighted else "uniform (no predicted lesion mass)"}
+            curve = (torch.stack([r["curve"] for r in records]).mean(0) * std + mean).tolist()
+        aggregation = AGGREGATION_LESION if detected else AGGREGATION_NO_LESION
+        if detected and len(records) < len(self._fold_records):
+            aggregation += f" ({len(records)} of {len(self._fold_records)} folds found a lesion)"
+        return {"probabilities": probabilities, "curve": curve, "lesion_detected": detected,
+                "aggregation": aggregation}
 
-    def case_result(self, case: str, heads: dict) -> CaseCharacterization:
-        return CaseCharacterization(case=case, classes=self.case_classes, probabilities=heads["probabilities"],
-                                    lesion_voxels=heads["lesion_voxels"], enhancement_curve=heads["curve"],
+    def case_result(self, case: str, heads: dict, lesion_voxels: Optional[int] = None) -> CaseCharacterization:
+        return CaseCharacterization(case=case, classes=self.case_classes if heads["probabilities"] else [],
+                                    probabilities=heads["probabilities"] or [],
+                                    lesion_detected=heads["lesion_detected"], lesion_voxels=lesion_voxels,
+                                    enhancement_curve=heads["curve"],
                                     phases=liver_ext_block(self.plans_manager.plans).get("phases"),
                                     aggregation=heads["aggregation"])
+
+    def written_lesion_voxels(self, segmentation_file: str) -> int:
+        """Tumor voxels of a segmentation nnU-Net wrote (label values, the source image's grid)."""
+        seg, _ = self.plans_manager.image_reader_writer_class().read_seg(segmentation_file)
+        return int((np.asarray(seg) == tumor_label_value(self.dataset_json)).sum())
 
     # --- files
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = 3):
-        if not self.case_classes:
-            print("This model has no characterization head (its dataset had no case labels): writing "
-                  "segmentations only.")
+        if not self.case_heads:
+            print(f"No CASE.json: {self.no_heads_reason()}. Writing segmentations only.")
             return super().predict_from_data_iterator(data_iterator, save_probabilities,
                                                       num_processes_segmentation_export)
-        results: List[tuple] = []
+        heads_of_file: List[tuple] = []
 
         def tap(items: Iterable[dict]):
             # nnU-Net predicts item k between our yield of it and its request for item k + 1
             for item in items:
                 yield item
                 if item["ofile"] is not None and self.last_case is not None:
-                    case = os.path.basename(item["ofile"])
-                    results.append((os.path.dirname(item["ofile"]), self.case_result(case, self.last_case)))
-                    write_case_json(item["ofile"] + ".json", results[-1][1])
+                    heads_of_file.append((item["ofile"], self.last_case))
 
         ret = super().predict_from_data_iterator(tap(data_iterator), save_probabilities,
                                                  num_processes_segmentation_export)
         if isinstance(data_iterator, MultiThreadedAugmenter):
             data_iterator._finish()
+        # every export has finished: count the lesion in the files as written
+        ending = self.dataset_json["file_ending"]
+        results = []
+        for ofile, heads in heads_of_file:
+            result = self.case_result(os.path.basename(ofile), heads, self.written_lesion_voxels(ofile + ending))
+            write_case_json(ofile + ".json", result)
+            results.append((os.path.dirname(ofile), result))
         for folder in sorted({f for f, _ in results}):
             write_characterization_csv(os.path.join(folder, CSV_NAME), [r for f, r in results if f == folder])
         return ret
@@ -199,16 +261,17 @@ def write_characterization_csv(path: str, results: List[CaseCharacterization]) -
     if not results:
         return
     classes, phases = results[0].classes, results[0].phases
-    curve_names = [f"curve_{p}" for p in phases] if phases and results[0].enhancement_curve is not None else []
+    curve = results[0].enhancement_curve
+    curve_names = [f"curve_{p}" for p in (phases or range(len(curve)))] if curve is not None else []
     for r in results:
-        row = {"case": r.case, "predicted_class": r.classes[r.predicted_index], "lesion_voxels": r.lesion_voxels,
-               "aggregation": r.aggregation}
+        row = {"case": r.case, "predicted_class": r.predicted_class or "", "lesion_detected": r.lesion_detected,
+               "lesion_voxels": r.lesion_voxels, "aggregation": r.aggregation}
         row.update({f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, r.probabilities)})
         if curve_names:
             row.update({n: f"{v:.4f}" for n, v in zip(curve_names, r.enhancement_curve)})
         rows[r.case] = row
-    fields = ["case", "predicted_class", *[f"prob_{c}" for c in classes], "lesion_voxels", "aggregation",
-              *curve_names]
+    fields = ["case", "predicted_class", *[f"prob_{c}" for c in classes], "lesion_detected", "lesion_voxels",
+              "aggregation", *curve_names]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -242,13 +305,16 @@ def _characterize(trainer, network, val_keys: List[str]) -> None:
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
                                     folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
     results = []
+    ending = trainer.dataset_json["file_ending"]
     for key in dataset.identifiers:
         data = torch.from_numpy(np.asarray(dataset.load_case(key)[0][:]))
-        result = predictor.case_result(key, predictor.characterize_preprocessed(data))
+        # the lesion as nnU-Net's validation wrote it (with its mirroring), next to this file
+        voxels = predictor.written_lesion_voxels(os.path.join(folder, key + ending))
+        result = predictor.case_result(key, predictor.characterize_preprocessed(data), voxels)
         write_case_json(os.path.join(folder, f"{key}.json"), result)
         results.append(result)
     write_characterization_csv(os.path.join(folder, CSV_NAME), results)
-    labelled = [r for r in results if r.case in trainer.case_targets.class_of_case]
+    labelled = [r for r in results if r.case in trainer.case_targets.class_of_case and r.probabilities]
     if labelled:
         correct = sum(r.predicted_index == trainer.case_targets.class_of_case[r.case] for r in labelled)
         trainer.print_to_log_file(f"Characterization on validation: accuracy {correct / len(labelled):.3f} "

@@ -44,7 +44,9 @@ FUSIONS = ("decoupled", "early")
 
 class LowRankSpatioTemporalFusion(nn.Module):
     """``t_vn += U((A t_vn) * (B s_n))`` with ``s_n`` the spatial mean token of phase n and
-    ``A, B: E -> r``, ``U: r -> E`` (a rank-r bilinear interaction). Tokens ``(B, V, N, E)``."""
+    ``A, B: E -> r``, ``U: r -> E`` (a rank-r bilinear interaction). Tokens ``(B, V, N, E)``;
+    ``context`` ``(B, 1, N, E)`` gives ``s_n`` from elsewhere (the [CLS] path fuses its pooled phase
+    tokens with the voxel path's spatial context), else it is the tokens' own spatial mean."""
 
     def __init__(self, embed_dim: int, rank: int):
         super().__init__()
@@ -56,8 +58,9 @@ class LowRankSpatioTemporalFusion(nn.Module):
         nn.init.zeros_(self.up.weight)  # starts as the identity, like a residual branch
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        context = tokens.mean(1, keepdim=True)
+    def forward(self, tokens: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if context is None:
+            context = tokens.mean(1, keepdim=True)
         return tokens + self.up(self.token_proj(tokens) * self.context_proj(context))
 
 
@@ -66,12 +69,14 @@ class TemporalTransformer(nn.Module):
     learnable [CLS] token and learnable phase positional encodings.
 
     ``forward`` runs the voxel sequences (tokens = phases at one location); ``case_token`` runs
-    the [CLS] sequence. Both use the same layers and positional encodings.
+    the [CLS] sequence. Both use the same layers, positional encodings and (ablation e) hybrid
+    fusion. ``case_token=False`` builds no [CLS] token and no pooling: a network without a class
+    head must not own parameters its training step never updates (DDP fails on them).
     """
 
     def __init__(self, in_channels: int, max_phases: int, embed_dim: int, num_layers: int, num_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.1, hybrid_rank: Optional[int] = None,
-                 hybrid_after_layer: int = 3):
+                 hybrid_after_layer: int = 3, case_token: bool = True):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
@@ -80,16 +85,20 @@ class TemporalTransformer(nn.Module):
         self.max_phases = max_phases
         self.proj_in = nn.Linear(in_channels, embed_dim)
         self.proj_out = nn.Linear(embed_dim, in_channels)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # row 0 of the positional encodings belongs to [CLS] (eq. 4), rows 1..N to the phases
         self.pos_embed = nn.Parameter(torch.zeros(1, max_phases + 1, embed_dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.cls_token = None
+        self.pool = None
+        if case_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            self.pool = AttentionPool(embed_dim)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(embed_dim, num_heads, int(embed_dim * mlp_ratio), dropout, activation="relu",
                                        batch_first=True, norm_first=True)
             for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dim)
-        self.pool = AttentionPool(embed_dim)
         # After layer index hybrid_after_layer - 1; clamped so shallow configurations still fuse.
         self.hybrid_after = min(hybrid_after_layer, num_layers) - 1
         self.hybrid = LowRankSpatioTemporalFusion(embed_dim, hybrid_rank) if hybrid_rank else None
@@ -97,8 +106,11 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Attention across phases at every location: (B, N, C, *S) -> (B, N, C, *S)."""
+    def forward(self, features: torch.Tensor, return_context: bool = False):
+        """Attention across phases at every location: (B, N, C, *S) -> (B, N, C, *S).
+
+        ``return_context=True`` also returns the hybrid fusion's spatial context ``(B, 1, N, E)``
+        (None without hybrid fusion), which ``case_token`` needs to fuse the [CLS] path the same way."""
         b, n, c = features.shape[:3]
         if n > self.max_phases:
             raise ValueError(f"got {n} phases but the temporal modeler was built for at most {self.max_phases}")
@@ -106,25 +118,41 @@ class TemporalTransformer(nn.Module):
         tokens = self.proj_in(features.flatten(3).permute(0, 3, 1, 2))  # (B, V, N, E)
         v, e = tokens.shape[1], tokens.shape[3]
         voxel_seq = (tokens + self.pos_embed[:, 1:n + 1].unsqueeze(1)).reshape(b * v, n, e)
+        context = None
         for i, layer in enumerate(self.layers):
             voxel_seq = layer(voxel_seq)
             if self.hybrid is not None and i == self.hybrid_after:
-                voxel_seq = self.hybrid(voxel_seq.view(b, v, n, e)).reshape(b * v, n, e)
+                voxel_tokens = voxel_seq.view(b, v, n, e)
+                context = voxel_tokens.mean(1, keepdim=True)
+                voxel_seq = self.hybrid(voxel_tokens, context).reshape(b * v, n, e)
         delta = self.proj_out(self.norm(voxel_seq)).view(b, v, n, c).permute(0, 2, 3, 1).reshape(b, n, c, *spatial)
-        return features + delta
+        return (features + delta, context) if return_context else features + delta
 
-    def case_token(self, features: torch.Tensor, log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def case_token(self, features: torch.Tensor, log_prior: Optional[torch.Tensor] = None,
+                   hybrid_context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The [CLS] output (B, E): T over [CLS] + the N phase tokens pooled over space (eq. 4).
 
         features (B, N, C, *S) are the encoder's bottleneck features; log_prior (B, V) optionally
-        steers the spatial pooling towards the lesion."""
+        steers the spatial pooling towards the lesion; hybrid_context (B, 1, N, E), the voxel path's
+        spatial context from ``forward(..., return_context=True)``, is fused into the sequence after
+        the same layer as in the voxel path (ablation e), so the class head trains the hybrid model
+        it is an ablation of."""
+        if self.cls_token is None:
+            raise RuntimeError("this temporal modeler was built without a [CLS] token (case_token=False)")
+        if self.hybrid is not None and hybrid_context is None:
+            raise ValueError("the hybrid temporal modeler needs the voxel path's hybrid_context")
         b, n = features.shape[:2]
         tokens = self.proj_in(features.flatten(3).transpose(2, 3))  # (B, N, V, E)
         pooled = self.pool(tokens, log_prior)  # (B, N, E), the same locations in every phase
         cls_seq = torch.cat((self.cls_token.expand(b, -1, -1) + self.pos_embed[:, :1],
                              pooled + self.pos_embed[:, 1:n + 1]), 1)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             cls_seq = layer(cls_seq)
+            if self.hybrid is not None and i == self.hybrid_after:
+                # each phase token takes its phase's spatial context, [CLS] the mean over phases, so
+                # the fusion reaches the class head even when it follows T's last layer
+                context = torch.cat((hybrid_context.mean(2, keepdim=True), hybrid_context), 2)
+                cls_seq = self.hybrid(cls_seq.unsqueeze(1), context).squeeze(1)
         return self.norm(cls_seq[:, 0])
 
 
@@ -216,11 +244,14 @@ class STDNet(nn.Module):
             width = embed_dim or bottleneck
             self.temporal = TemporalTransformer(bottleneck, self.num_phases, width, num_layers, num_heads,
                                                 dropout=transformer_dropout,
-                                                hybrid_rank=hybrid_rank if temporal == "hybrid" else None)
+                                                hybrid_rank=hybrid_rank if temporal == "hybrid" else None,
+                                                case_token=num_case_classes > 0)
             case_feature_dim = width
         elif self.temporal_kind == "convgru":
             self.temporal = ConvGRU(self.conv_op, bottleneck)
-        if self.temporal_kind not in ("transformer", "hybrid"):
+        # only a class head reads the pooled case feature (DDP fails on parameters without gradients)
+        self.case_pool = None
+        if self.temporal_kind not in ("transformer", "hybrid") and num_case_classes > 0:
             self.case_pool = AttentionPool(bottleneck)
 
         self.decoder = UNetDecoder(self.encoder, num_classes, arch_kwargs["n_conv_per_stage_decoder"],
@@ -245,10 +276,10 @@ class STDNet(nn.Module):
         return [torch.stack(stage, 1) for stage in zip(*per_phase)]
 
     def _case_feature(self, encoder_bottleneck: torch.Tensor, temporal_bottleneck: torch.Tensor,
-                      log_prior: Optional[torch.Tensor]) -> torch.Tensor:
+                      log_prior: Optional[torch.Tensor], hybrid_context: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, E) input of the characterization head."""
         if isinstance(self.temporal, TemporalTransformer):
-            return self.temporal.case_token(encoder_bottleneck, log_prior)
+            return self.temporal.case_token(encoder_bottleneck, log_prior, hybrid_context)
         if isinstance(self.temporal, ConvGRU):
             summary = temporal_bottleneck[:, -1]  # the state after the last phase has seen the sequence
         else:  # mean over phases (ablation a), or the single early-fusion map
@@ -258,7 +289,10 @@ class STDNet(nn.Module):
     def forward(self, x: torch.Tensor, heads: bool = False, lesion_mask: Optional[torch.Tensor] = None):
         skips = self._phase_skips(x)
         encoder_bottleneck = skips[-1]
-        if self.temporal is not None:
+        hybrid_context = None
+        if isinstance(self.temporal, TemporalTransformer):
+            skips[-1], hybrid_context = self.temporal(skips[-1], return_context=True)
+        elif self.temporal is not None:
             skips[-1] = self.temporal(skips[-1])
         seg = self.decoder([fusion(s) for fusion, s in zip(self.phase_fusions, skips)])
         if not heads:
@@ -273,7 +307,7 @@ class STDNet(nn.Module):
                     full_resolution = seg[0] if isinstance(seg, (list, tuple)) else seg
                     lesion_mask = lesion_probability(full_resolution, self.lesion_channel)
                 log_prior = lesion_log_prior(lesion_mask, encoder_bottleneck.shape[3:])
-            cls_logits = self.cls_head(self._case_feature(encoder_bottleneck, skips[-1], log_prior))
+            cls_logits = self.cls_head(self._case_feature(encoder_bottleneck, skips[-1], log_prior, hybrid_context))
         return NetworkOutput(seg=seg, cls_logits=cls_logits)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:

@@ -16,15 +16,18 @@ import torch
 
 from nnunet_liver_ext.networks.std_net import STDNet
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
-from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler, apply_schedule
+from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler, register_schedule_variants
 
 
 class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
+    """STD-Net: shared phase encoder, Transformer across phases, [CLS] characterization head."""
+
     network_class = STDNet
     network_kwargs = {}
     loss_weights = {"cls": 0.5}
     # the Transformer, the case pooling and the MLP train with AdamW; encoder and decoder keep SGD
     adaptive_module_prefixes = ("temporal.", "case_pool.", "cls_head.")
+    network_takes_lesion_channel = True
     #: decode from this phase alone (the paper's choice) instead of fusing the phases
     reference_phase_name = None
 
@@ -40,31 +43,44 @@ class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
 
 
 class nnUNetTrainerSTDNet_noTemporal(nnUNetTrainerSTDNet):
+    """STD-Net ablation (a): no temporal modeler, phases fused by their mean."""
+
     network_kwargs = {"temporal": "mean"}
 
 
 class nnUNetTrainerSTDNet_earlyFusion(nnUNetTrainerSTDNet):
+    """STD-Net ablation (b): phases as channels of one encoder (joint space-time)."""
+
     network_kwargs = {"fusion": "early"}
 
 
 class nnUNetTrainerSTDNet_noWeightSharing(nnUNetTrainerSTDNet):
+    """STD-Net ablation (c): one encoder per phase."""
+
     network_kwargs = {"share_encoder": False}
 
 
 class nnUNetTrainerSTDNet_ConvGRU(nnUNetTrainerSTDNet):
+    """STD-Net ablation (d): ConvGRU temporal modeler instead of the Transformer."""
+
     network_kwargs = {"temporal": "convgru"}
 
 
 class nnUNetTrainerSTDNet_hybrid(nnUNetTrainerSTDNet):
+    """STD-Net ablation (e): low-rank spatial-temporal fusion after the third Transformer layer."""
+
     network_kwargs = {"temporal": "hybrid"}
 
 
 class nnUNetTrainerSTDNet_refPhase(nnUNetTrainerSTDNet):
+    """STD-Net decoding from the portal venous phase alone, as the paper does."""
+
+    dataset_keys_required = ("phases",)
     reference_phase_name = "portal_venous"
 
 
 class nnUNetTrainerSTDNet_paper(nnUNetTrainerSTDNet):
-    """The paper's optimisation: AdamW lr 1e-4, wd 1e-5, 20-epoch linear warm-up then cosine, 500 epochs."""
+    """STD-Net with the paper's optimisation: AdamW lr 1e-4, wd 1e-5, 20-epoch linear warm-up then cosine, 500 epochs."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -78,31 +94,6 @@ class nnUNetTrainerSTDNet_paper(nnUNetTrainerSTDNet):
         return optimizer, WarmupCosineLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
 
-class nnUNetTrainerSTDNet_5epochs(nnUNetTrainerSTDNet):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, "5epochs")
-
-
-class nnUNetTrainerSTDNet_10epochs(nnUNetTrainerSTDNet):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, "10epochs")
-
-
-class nnUNetTrainerSTDNet_short(nnUNetTrainerSTDNet):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, "short")
-
-
-class nnUNetTrainerSTDNet_demo(nnUNetTrainerSTDNet):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, "demo")
-
-
-class nnUNetTrainerSTDNet_tiny(nnUNetTrainerSTDNet):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule(self, "tiny")
+# nnUNetTrainerSTDNet_5epochs, ..._tiny, nnUNetTrainerSTDNet_hybrid_short, ...: every trainer above on every
+# schedule of training.schedules.SCHEDULES
+register_schedule_variants(globals())

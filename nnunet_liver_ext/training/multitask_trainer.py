@@ -28,6 +28,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 
 from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
@@ -47,6 +48,13 @@ def tumor_label_value(dataset_json: dict) -> int:
             return labels[name]
     values = [v for v in labels.values() if isinstance(v, int)]
     return max(values)
+
+
+def tumor_output_channel(label_manager, dataset_json: dict) -> int:
+    """The segmentation output channel of the tumor label (nnU-Net orders the outputs by label value)."""
+    if label_manager.has_regions:
+        raise NotImplementedError("case-level heads with region-based training are not supported")
+    return list(label_manager.all_labels).index(tumor_label_value(dataset_json))
 
 
 class LiverMultiTaskTrainer(nnUNetTrainer):
@@ -69,16 +77,32 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     #: instead of waiting for the segmentation to find tumors; validation and inference use the
     #: prediction (benchmarks/characterization_probe.py)
     guide_heads_with_reference_lesion: bool = True
+    #: case-level heads the method has ("cls": characterization, "curve": enhancement curve); each is built only
+    #: when the dataset has its targets, and the characterization predictor runs the heads that were built
+    case_heads: tuple = ("cls",)
+    #: dataset.json keys the method cannot train without: a dataset lacking one is refused at construction
+    #: with a message naming the key (``nnunet-liver trainers`` lists them)
+    dataset_keys_required: tuple = ()
+    #: the network's constructor takes ``lesion_channel`` (the tumor's seg output, which its heads look at);
+    #: the trainer sets it from dataset.json's labels through the plans
+    network_takes_lesion_channel: bool = False
+    #: dataset.json keys the method reads when they are there
+    dataset_keys_used: tuple = ("phases", "characterization")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        missing = [key for key in self.dataset_keys_required if not dataset_json.get(key)]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs dataset.json keys {missing}, which this dataset "
+                             f"({dataset_json.get('name', '?')}) does not have; see `nnunet-liver trainers`")
         targets = CaseTargets.from_dataset_json(dataset_json)
-        plans = copy.deepcopy(plans)
-        plans[PLANS_KEY] = self.plans_block(targets, plans.get(PLANS_KEY))
+        plans = self.plans_with_liver_block(plans, dataset_json, targets)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_targets = targets
         self.tumor_label = tumor_label_value(dataset_json)
-        if targets.has_classes:
+        if "cls" not in self.case_heads:
+            pass  # a segmentation method: nothing to say about case labels it never reads
+        elif targets.has_classes:
             self.print_to_log_file(f"Characterization: {len(targets.class_of_case)} labelled cases, classes "
                                    f"{list(targets.classes)}; loss weight {self.loss_weights.get('cls', 0)}")
         else:
@@ -88,10 +112,26 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             self.print_to_log_file("dataset.json has no 'phases' key: the input channels are read as phases in "
                                    "channel order.")
 
-    @staticmethod
-    def plans_block(targets: CaseTargets, existing: Optional[dict]) -> dict:
+    @classmethod
+    def plans_with_liver_block(cls, plans: dict, dataset_json: dict, targets: Optional[CaseTargets] = None) -> dict:
+        """A copy of ``plans`` with this package's block: what the network's shape depends on beyond nnU-Net's
+        plans, so that inference (which sees the plans, not dataset.json) rebuilds the same network."""
+        targets = targets or CaseTargets.from_dataset_json(dataset_json)
+        plans = copy.deepcopy(plans)
+        plans[PLANS_KEY] = cls.plans_block(targets, plans.get(PLANS_KEY))
+        label_manager = PlansManager(plans).get_label_manager(dataset_json)
+        if not label_manager.has_regions:
+            plans[PLANS_KEY]["lesion_channel"] = tumor_output_channel(label_manager, dataset_json)
+        return plans
+
+    @classmethod
+    def plans_block(cls, targets: CaseTargets, existing: Optional[dict]) -> dict:
         block = dict(existing or {})
         block["case_classes"] = list(targets.classes) if targets.has_classes else []
+        # the heads the network is built with: the method's, where the dataset has their targets
+        available = {"cls": targets.has_classes, "curve": targets.has_enhancement}
+        block["method_case_heads"] = list(cls.case_heads)
+        block["case_heads"] = [head for head in cls.case_heads if available[head]]
         block["phases"] = list(targets.phases) if targets.phases is not None else None
         if targets.has_enhancement:
             values = np.array(list(targets.enhancement.values()), dtype=np.float64)
@@ -112,9 +152,14 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         block = liver_ext_block(plans_manager.plans)
         kwargs = dict(resolved_arch_kwargs(configuration_manager))
         kwargs.update(cls.network_kwargs)
+        if cls.network_takes_lesion_channel and "lesion_channel" in block:
+            kwargs["lesion_channel"] = block["lesion_channel"]
         kwargs.update(cls.method_network_kwargs(block, num_input_channels))
+        # plans written before "case_heads" existed had a class head exactly when they had classes
+        has_cls_head = "cls" in block.get("case_heads", ["cls"])
+        num_case_classes = len(block.get("case_classes") or []) if has_cls_head else 0
         return cls.network_class(num_input_channels, num_output_channels, enable_deep_supervision,
-                                 num_case_classes=len(block.get("case_classes") or []), **kwargs)
+                                 num_case_classes=num_case_classes, **kwargs)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -214,7 +259,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------ validation
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
-        if not self.case_targets.has_classes or self.local_rank != 0:
+        if not liver_ext_block(self.plans_manager.plans).get("case_heads") or self.local_rank != 0:
             return
         from nnunet_liver_ext.inference.characterization import characterize_validation_cases
         _, val_keys = self.do_split()

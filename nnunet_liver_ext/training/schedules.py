@@ -1,13 +1,19 @@
-"""Short training schedules, in the spirit of nnU-Net's ``nnUNetTrainer_Xepochs`` variants.
+"""Short training schedules, in the spirit of nnU-Net's ``nnUNetTrainer_Xepochs`` variants, and the
+one mechanism that derives them for every trainer.
 
-One table, used by every method's short variants and by the stock-network baselines, so a
-comparison at a short schedule is like for like. Values: (epochs, train iterations per epoch,
-validation iterations per epoch).
+One table, used by every method and by the stock-network baselines, so a comparison at a short
+schedule is like for like. Values: (epochs, train iterations per epoch, validation iterations per
+epoch). Every trainer module of ``trainers/`` ends with ``register_schedule_variants(globals())``,
+which adds ``<Trainer>_<schedule>`` for each trainer class the module defines and each row of the
+table: ``nnUNetv2_train``, ``nnUNetv2_predict`` and the checkpoint loader find them by name like any
+hand-written class, and a new trainer gets its short variants without a line of its own.
 """
 from __future__ import annotations
 
 import math
+from typing import Dict, Iterable, Optional
 
+import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
 SCHEDULES = {
@@ -26,12 +32,64 @@ SCHEDULES = {
 
 
 def apply_schedule(trainer, name: str) -> None:
+    """Sets the schedule's epochs and iterations on a constructed trainer. A warm-up (a trainer's
+    ``warmup_epochs``) shrinks in proportion, so a warm-up schedule still runs in a short one."""
     epochs, iterations, val_iterations = SCHEDULES[name]
+    warmup = getattr(trainer, "warmup_epochs", None)
+    if warmup:
+        trainer.warmup_epochs = min(epochs - 1, int(warmup * epochs / trainer.num_epochs))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
     trainer.print_to_log_file(f"Short schedule '{name}': {epochs} epochs x {iterations} iterations "
                               f"({val_iterations} validation iterations per epoch)")
+
+
+def schedule_variant(base: type, schedule: str) -> type:
+    """``<base>_<schedule>``: ``base`` with the schedule applied after its whole ``__init__``."""
+    if schedule not in SCHEDULES:
+        raise KeyError(f"unknown schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+    epochs, iterations, _ = SCHEDULES[schedule]
+
+    # nnU-Net records its constructor arguments by these parameter names (my_init_kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        apply_schedule(self, schedule)
+
+    name = f"{base.__name__}_{schedule}"
+    summary = (base.__doc__ or base.__name__).strip().splitlines()[0]
+    return type(name, (base,), {
+        "__init__": __init__, "__module__": base.__module__, "__qualname__": name,
+        "__doc__": f"{summary} [{schedule} schedule: {epochs} x {iterations} iterations]",
+        "schedule_name": schedule, "schedule_base": base,
+    })
+
+
+def register_schedule_variants(namespace: Dict[str, object], bases: Optional[Iterable[type]] = None,
+                               skip_names: Iterable[str] = ()) -> list:
+    """Adds ``<Trainer>_<schedule>`` to a trainer module's ``namespace`` (its ``globals()``) for every
+    schedule and every base: by default each nnUNetTrainer subclass the module itself defines
+    (imported trainers are their own module's business). Names already in the namespace, and
+    ``skip_names``, are left alone. Returns the classes it added."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    if bases is None:
+        bases = [v for v in list(namespace.values())
+                 if isinstance(v, type) and issubclass(v, nnUNetTrainer) and v.__module__ == namespace["__name__"]
+                 and getattr(v, "schedule_name", None) is None]
+    added, skip = [], set(skip_names)
+    for base in bases:
+        for schedule in SCHEDULES:
+            name = f"{base.__name__}_{schedule}"
+            if name in namespace or name in skip:
+                continue
+            variant = schedule_variant(base, schedule)
+            # the variant belongs to the module that registers it (nnU-Net finds it there)
+            variant.__module__ = namespace["__name__"]
+            namespace[name] = variant
+            added.append(variant)
+    return added
 
 
 class WarmupCosineLRScheduler(_LRScheduler):

@@ -1,0 +1,177 @@
+"""The characterization predictor's case aggregation (inference/characterization.py) with a network
+whose outputs are known exactly, through nnU-Net's own sliding window; and the plans the trainer
+writes for it.
+
+The network below follows the contract: tumor logit +10 where the input is > 0.5 (the lesion), a
+chosen faint background probability elsewhere; a patch that sees the lesion says class A, any other
+patch says B. The true class of a case with a lesion is A.
+"""
+import json
+import math
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnunet_liver_ext.inference.characterization import (AGGREGATION_LESION, AGGREGATION_NO_LESION,
+                                                         CharacterizationPredictor, write_case_json,
+                                                         write_characterization_csv)
+from nnunet_liver_ext.networks.contract import NetworkOutput
+from nnunet_liver_ext.networks.std_net import STDNet
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+
+PATCH = [32, 32, 32]
+VOLUME = (64, 64, 64)  # 27 tiles at step 0.5
+DATASET_JSON = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "channel_names": {"0": "CT"},
+                "file_ending": ".nii.gz"}
+
+
+def plans(block=None, patch=PATCH):
+    arch = {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []}
+    result = {"dataset_name": "Dataset999_Test", "plans_name": "P", "label_manager": "LabelManager",
+              "configurations": {"3d_fullres": {"patch_size": patch, "architecture": arch}}}
+    if block is not None:
+        result["nnunet_liver_ext"] = block
+    return result
+
+
+class KnownOutputs(nn.Module):
+    def __init__(self, p_background: float, fail_on_call: int = 0):
+        super().__init__()
+        self.background_logit = math.log(p_background / (1 - p_background))
+        self.fail_on_call = fail_on_call
+        self.calls = 0
+        self.unused = nn.Parameter(torch.zeros(1))  # nnU-Net moves the network with .to()
+
+    def forward(self, x, heads=False, lesion_mask=None):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        lesion = x[:, :1] > 0.5
+        tumor = torch.where(lesion, torch.tensor(10.0), torch.tensor(self.background_logit))
+        seg = torch.cat([torch.zeros_like(tumor), torch.full_like(tumor, -20.0), tumor], 1)
+        if not heads:
+            return seg
+        sees = lesion.flatten(1).any(1)
+        cls = torch.stack([torch.where(sees, 3.0, 0.0), torch.where(sees, 0.0, 3.0)], 1)
+        return NetworkOutput(seg=seg, cls_logits=cls)
+
+
+def predictor(network, plans_dict, on_device=False):
+    manager = PlansManager(plans_dict)
+    result = CharacterizationPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                       perform_everything_on_device=False, device=torch.device("cpu"),
+                                       allow_tqdm=False)
+    result.manual_initialization(network, manager, manager.get_configuration("3d_fullres"), None, DATASET_JSON,
+                                 "nnUNetTrainerTest", (0, 1, 2))
+    # as on a CUDA device: nnU-Net then retries a failed pass with its results on the CPU
+    result.perform_everything_on_device = on_device
+    return result
+
+
+BLOCK = {"case_classes": ["A", "B"], "phases": None}
+
+
+def volume(with_lesion=True):
+    x = torch.zeros(1, *VOLUME)
+    if with_lesion:
+        x[0, 20:24, 20:24, 20:24] = 1.0  # 64 voxels, against 262,080 background voxels
+    return x
+
+
+@pytest.mark.parametrize("p_background", [1e-9, 1e-6, 1e-4, 1e-3])
+def test_case_class_does_not_depend_on_faint_background_probability(p_background):
+    """Soft lesion mass weighting flipped the class at p_bg = 1e-3 (262 voxels' worth of background
+    probability against a 64-voxel lesion); counting the voxels the segmentation calls lesion does not."""
+    torch.set_num_threads(1)
+    result = predictor(KnownOutputs(p_background), plans(BLOCK)).characterize_preprocessed(volume())
+    assert result["lesion_detected"] and result["aggregation"] == AGGREGATION_LESION
+    assert result["probabilities"][0] > 0.9
+
+
+def test_no_lesion_is_said_plainly_in_case_json_and_csv(tmp_path):
+    pr = predictor(KnownOutputs(1e-6), plans(BLOCK))
+    heads = pr.characterize_preprocessed(volume(with_lesion=False))
+    assert not heads["lesion_detected"] and heads["aggregation"] == AGGREGATION_NO_LESION
+    result = pr.case_result("case_0", heads, lesion_voxels=0)
+    write_case_json(str(tmp_path / "case_0.json"), result)
+    written = json.loads((tmp_path / "case_0.json").read_text())
+    assert written["lesion_detected"] is False and written["aggregation"] == AGGREGATION_NO_LESION
+    assert "no lesion was segmented" in written["note"]
+    write_characterization_csv(str(tmp_path / "characterization.csv"), [result])
+    header, row = (tmp_path / "characterization.csv").read_text().strip().splitlines()
+    columns = dict(zip(header.split(","), row.split(",")))
+    assert columns["lesion_detected"] == "False" and columns["aggregation"] == AGGREGATION_NO_LESION
+
+
+def test_a_retried_sliding_window_pass_counts_each_tile_once():
+    """nnU-Net retries the whole pass on the CPU after a RuntimeError (out of memory)."""
+    pr = predictor(KnownOutputs(1e-9, fail_on_call=4), plans(BLOCK), on_device=True)
+    pr.characterize_preprocessed(volume())
+    assert pr.network.calls == 27 + 4 and len(pr._patch_records) == 27
+
+
+def test_folds_without_a_lesion_do_not_dilute_the_folds_that_found_it():
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    found = {"cls_logits": torch.tensor([3.0, 0.0], dtype=torch.float64), "curve": None, "lesion_detected": True}
+    missed = {"cls_logits": torch.tensor([0.0, 3.0], dtype=torch.float64), "curve": None, "lesion_detected": False}
+    pr._fold_records = [found, missed, missed]
+    combined = pr._combine_folds()
+    assert combined["probabilities"][0] > 0.9 and "1 of 3 folds" in combined["aggregation"]
+
+
+def test_the_no_head_message_gives_the_true_reason():
+    stock = predictor(KnownOutputs(1e-9), plans(None))
+    assert "not one of this package's multi-task trainers" in stock.no_heads_reason()
+    unlabelled = predictor(KnownOutputs(1e-9), plans({"case_classes": [], "method_case_heads": ["cls"],
+                                                      "case_heads": []}))
+    assert "has no 'characterization' labels" in unlabelled.no_heads_reason()
+    segmentation_only = predictor(KnownOutputs(1e-9), plans({"case_classes": ["A", "B"], "method_case_heads": [],
+                                                             "case_heads": []}))
+    assert "segmentation-only method" in segmentation_only.no_heads_reason()
+
+
+def _trainer_plans(labels: dict) -> dict:
+    """nnU-Net plans of a tiny 3d_fullres STD-Net configuration, import strings as nnU-Net writes them."""
+    arch_kwargs = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+                   "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                   "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                   "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                   "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                   "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    configuration = {"patch_size": [16, 32, 32], "architecture": {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": arch_kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
+    return {"dataset_name": "Dataset999_Test", "plans_name": "P", "label_manager": "LabelManager",
+            "configurations": {"3d_fullres": configuration}}
+
+
+@pytest.mark.parametrize("labels,channel", [({"background": 0, "liver": 1, "tumor": 2}, 2),
+                                            ({"background": 0, "tumor": 1, "liver": 2}, 1),
+                                            ({"background": 0, "liver": 1, "tumor": 2, "vessel": 3}, 2)])
+def test_the_heads_look_at_the_tumor_label_whatever_its_position(labels, channel):
+    """The lesion channel of the network follows dataset.json's labels through the plans, the way the
+    predictor rebuilds the network (it sees the plans, not dataset.json)."""
+    from nnunet_liver_ext.trainers.nnUNetTrainerSTDNet import nnUNetTrainerSTDNet
+
+    dataset_json = {"labels": labels, "channel_names": {"0": "CT", "1": "CT"},
+                    "characterization": {"classes": ["A", "B"], "cases": {"c": 0}}}
+    plans_dict = nnUNetTrainerSTDNet.plans_with_liver_block(_trainer_plans(labels), dataset_json)
+    assert plans_dict["nnunet_liver_ext"]["lesion_channel"] == channel
+    manager = PlansManager(json.loads(json.dumps(plans_dict)))  # as read back from plans.json
+    network = nnUNetTrainerSTDNet.build_network_architecture(manager, manager.get_configuration("3d_fullres"), 2,
+                                                             len(labels), enable_deep_supervision=False)
+    assert isinstance(network, STDNet) and network.lesion_channel == channel and network.cls_head is not None
+
+
+def test_a_segmentation_only_method_builds_no_head_even_with_labelled_cases():
+    class SegmentationOnly(LiverMultiTaskTrainer):
+        network_class = STDNet
+        case_heads = ()
+
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "channel_names": {"0": "CT"},
+                    "characterization": {"classes": ["A", "B"], "cases": {"c": 0}}}
+    block = SegmentationOnly.plans_with_liver_block(_trainer_plans(dataset_json["labels"]),
+                                                    dataset_json)["nnunet_liver_ext"]
+    assert block["case_heads"] == [] and block["method_case_heads"] == []
