@@ -140,7 +140,8 @@ def _trainer_plans(labels: dict) -> dict:
                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
                    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    configuration = {"patch_size": [16, 32, 32], "architecture": {
+    configuration = {"patch_size": [16, 32, 32], "batch_size": 2, "spacing": [2.0, 1.0, 1.0], "batch_dice": False,
+                     "architecture": {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": arch_kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
     return {"dataset_name": "Dataset999_Test", "plans_name": "P", "label_manager": "LabelManager",

@@ -118,3 +118,33 @@ def test_warmup_cosine_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)
     scheduler.step(120)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_non_finite_loss_term_stops_training_naming_term_and_iteration(monkeypatch, tmp_path):
+    """A NaN in one case-level term stops the step before the optimizer sees it."""
+    from nnunet_liver_ext.trainers.nnUNetTrainerSTDNet import nnUNetTrainerSTDNet
+    from test_characterization_predictor import _trainer_plans
+
+    class Poisoned(nnUNetTrainerSTDNet):
+        def case_loss_terms(self, output, target, keys):
+            terms = super().case_loss_terms(output, target, keys)
+            terms["cls"] = terms["cls"] * float("nan")
+            return terms
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    dataset_json = dict(DATASET_JSON, channel_names={"0": "CT", "1": "CT", "2": "CT"}, file_ending=".nii.gz")
+    trainer = Poisoned(dict(_trainer_plans(dataset_json["labels"]), continue_training=False), "3d_fullres", 0,
+                       dataset_json, device=torch.device("cpu"))
+    # everything of nnU-Net's initialize() but its look at the (here absent) preprocessed folder
+    monkeypatch.setattr("nnunetv2.training.nnUNetTrainer.nnUNetTrainer.infer_dataset_class", lambda folder: None)
+    trainer.initialize()
+    torch.manual_seed(0)
+    target = torch.zeros(2, 1, 16, 32, 32)
+    target[:, :, 4:8, 8:16, 8:16] = 2
+    batch = {"data": torch.randn(2, 3, 16, 32, 32), "keys": ["a", "b"],
+             "target": [target, target[:, :, ::2, ::2, ::2], target[:, :, ::4, ::4, ::4]]}
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.iteration_in_epoch = 7
+    with pytest.raises(FloatingPointError, match=r"'cls': nan.*epoch 0, iteration 7 \(cases \['a', 'b'\]\)"):
+        trainer.train_step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))

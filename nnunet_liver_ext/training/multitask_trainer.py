@@ -225,12 +225,29 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
 
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.iteration_in_epoch = 0
+
+    def check_finite_losses(self, terms: Dict[str, torch.Tensor]) -> None:
+        """Stops training on a NaN or Inf loss term, naming the term, epoch and iteration, before it
+        reaches the weights (nnU-Net itself would train on and save a broken checkpoint)."""
+        names = list(terms)
+        finite = torch.isfinite(torch.stack([terms[n].detach().float().reshape(()) for n in names]))
+        if not bool(finite.all()):
+            bad = {n: float(terms[n].detach().float()) for n, ok in zip(names, finite.tolist()) if not ok}
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite loss term(s) {bad} at epoch {self.current_epoch}, iteration "
+                f"{getattr(self, 'iteration_in_epoch', 0)} (cases {getattr(self, '_last_keys', '?')}); stopped before "
+                f"the weights were updated")
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         keys = [str(k) for k in batch["keys"]]
+        self._last_keys = keys
 
         lesion_mask = None
         if self.guide_heads_with_reference_lesion:
@@ -243,7 +260,9 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             seg_loss = self.loss(output.seg, target)
             terms = self.case_loss_terms(output, target, keys)
             loss = seg_loss + sum(terms.values()) if terms else seg_loss
+        self.check_finite_losses({"seg": seg_loss, **terms})
         self._backward_and_step(loss)
+        self.iteration_in_epoch = getattr(self, "iteration_in_epoch", 0) + 1
         result = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
         result.update({f"{name}_loss": value.detach().cpu().numpy() for name, value in terms.items()})
         return result
