@@ -20,7 +20,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=core_packages + list(mapped),
+    # trainers/ has no __init__.py (nnU-Net imports its modules as top-level modules), so find_packages
+    # skips it; without it a non-editable install leaves nnUNet_extTrainer pointing at nothing
+    packages=core_packages + ["nnunet_liver_ext.trainers"] + list(mapped),
     package_dir=mapped,
     install_requires=[
         "nnunetv2==2.8.*",

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from nnunet_liver_ext.errors import UserError
 
 SOURCES = {
     "lits": ("lits", "LiTS", "LiTS download: volume-N.nii[.gz] + segmentation-N.nii[.gz], test-volume-N"),
@@ -43,13 +46,30 @@ def register(subparsers) -> None:
         if source == "tcga-lihc":
             p.add_argument("--phase-map", default=None, metavar="FILE",
                            help='JSON {"SeriesDescription or SeriesInstanceUID": "phase"} or per patient '
-                                '{"PATIENT": {...}}; "ignore" drops a series')
+                                '{"PATIENT": {...}}; "ignore" drops a series (a relative path not found here is '
+                                'looked up in SRC)')
         if source in ("tcga-lihc", "dynamic-mri"):
             p.add_argument("--classes", default=None, metavar="CSV",
-                           help="case classes (default SRC/classes.csv or SRC/labels.csv)")
+                           help="case classes (default SRC/classes.csv or SRC/labels.csv; a relative path not "
+                                "found here is looked up in SRC)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_convert)
     convert.set_defaults(func=lambda args: (convert.print_help(), 2)[1])
+
+
+def source_relative(path: str | None, src: str, option: str) -> str | None:
+    """A file given to a converter option: as given when it exists from where the user stands, else
+    the same relative path inside the source folder (`--classes classes.csv` next to the DICOM
+    folders), else a UserError naming both places."""
+    if path is None or os.path.exists(path):
+        return path
+    in_src = os.path.join(src, path)
+    if not os.path.isabs(path) and os.path.exists(in_src):
+        return in_src
+    places = "" if os.path.isabs(path) else \
+        f", neither {os.path.abspath(path)} (current folder) nor {os.path.abspath(in_src)} (source folder)"
+    raise UserError(f"{option} {path}: no such file{places}",
+                    f"give {option} the file's path from the current folder, or from the source folder {src}")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -58,6 +78,12 @@ def _convert(args: argparse.Namespace) -> int:
     from nnunet_liver_ext.dataset_conversion.common import (ConversionError, ConversionFailed, ConversionOptions,
                                                             default_raw_root)
 
+    if not os.path.isdir(args.src):
+        raise UserError(f"source folder {args.src} does not exist ({os.path.abspath(args.src)})",
+                        f"give the folder of the {args.source} download as SRC")
+    for attr, option in (("classes", "--classes"), ("phase_map", "--phase-map")):
+        if getattr(args, attr, None) is not None:
+            setattr(args, attr, source_relative(getattr(args, attr), args.src, option))
     try:
         options = ConversionOptions(
             raw_root=args.raw or default_raw_root(), dataset_id=args.dataset_id, name=args.name, overwrite=args.overwrite,

@@ -95,3 +95,27 @@ def test_raw_output_passes_nnunet_verify_dataset_integrity(tmp_path):
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"] * 3
     preprocessed = tmp_path / "pre" / "Dataset981_PhantomVerify" / "nnUNetPlans_3d_fullres"
     assert sorted(p.name for p in preprocessed.glob("*_seg.b2nd")) == [f"phantom_{i:03d}_seg.b2nd" for i in range(4)]
+
+
+def test_tcga_dicom_test_patients_have_no_mask_and_their_truth_apart(tmp_path):
+    out = tmp_path / "tcga"
+    assert main(["phantom", "tcga-dicom", "-o", str(out), "-n", "2", "--test", "2", "--seed", "4", *SMALL]) == 0
+    patients = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "masks")
+    assert patients == [f"TCGA-PH-{i:04d}" for i in range(4)]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["TCGA-PH-0000.nii.gz", "TCGA-PH-0001.nii.gz"]
+    rows = (out / "classes.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == patients[:2]  # held-out classes are truth, not input
+    assert set(json.loads((out / "phantom_truth.json").read_text())) == set(patients[:2])
+    truth = tmp_path / "tcga_test_truth"
+    assert sorted(p.name for p in (truth / "labelsTs").iterdir()) == ["TCGA-PH-0002.nii.gz", "TCGA-PH-0003.nii.gz"]
+    held_out = json.loads((truth / "phantom_truth.json").read_text())
+    assert set(held_out) == {"TCGA-PH-0002", "TCGA-PH-0003"}
+    targets = json.loads((truth / "test_targets.json").read_text())
+    assert targets["labels"] == {"background": 0, "liver": 1, "tumor": 2}
+    for pid, index in targets["characterization"]["cases"].items():
+        assert targets["characterization"]["classes"][index] == held_out[pid]["class"]
+    assert set(targets["characterization"]["cases"]) | set(targets["not_scored"]) == \
+        {pid for pid, t in held_out.items() if t["class"] is not None}
+    # a truth folder inside the source folder would be read as a patient: refused
+    assert main(["phantom", "tcga-dicom", "-o", str(tmp_path / "t2"), "-n", "1", "--test", "1",
+                 "--test-truth", str(tmp_path / "t2" / "truth"), *SMALL]) == 2

@@ -4,14 +4,34 @@ from __future__ import annotations
 import argparse
 
 
+def _check_inputs(args: argparse.Namespace) -> int:
+    """The dataset id, once the raw dataset and nnU-Net's fingerprint are where planning reads them;
+    otherwise a UserError with the command that makes them."""
+    from nnunet_liver_ext.errors import UserError, dataset_id, env_folder, resolve_dataset
+
+    dataset_name = resolve_dataset(args.d)
+    did = dataset_id(dataset_name)
+    raw = env_folder("nnUNet_raw", "planning reads the raw dataset's dataset.json")
+    if not (raw / dataset_name / "dataset.json").is_file():
+        raise UserError(f"no raw dataset {raw / dataset_name} (with dataset.json): planning reads it",
+                        f"convert or generate it first (nnunet-liver convert ... -d {did}, or nnunet-liver phantom "
+                        f"nnunet-raw -d {did} ...), or point nnUNet_raw at the folder that holds {dataset_name}")
+    preprocessed = env_folder("nnUNet_preprocessed", "where the fingerprint and the plans go")
+    if not (preprocessed / dataset_name / "dataset_fingerprint.json").is_file():
+        raise UserError(f"{dataset_name} has no fingerprint yet ({preprocessed / dataset_name}/"
+                        f"dataset_fingerprint.json)",
+                        f"nnUNetv2_extract_fingerprint -d {did}   (or nnUNetv2_plan_and_preprocess -d {did} "
+                        f"-c 3d_fullres --verify_dataset_integrity)")
+    return did
+
+
 def _plan(args: argparse.Namespace) -> int:
+    dataset_id = _check_inputs(args)
+
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
-    from nnunetv2.utilities.dataset_name_id_conversion import (convert_dataset_name_to_id,
-                                                                 maybe_convert_to_dataset_name)
 
     from nnunet_liver_ext.trainer_plans.planners import PRESETS
 
-    dataset_id = convert_dataset_name_to_id(maybe_convert_to_dataset_name(args.d))
     planner = PRESETS[args.preset]
     _, plans_name = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_target,
                                             overwrite_plans_name=args.overwrite_plans_name)

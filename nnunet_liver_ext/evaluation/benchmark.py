@@ -1,4 +1,4 @@
-"""Five-fold benchmark: collect nnU-Net validation predictions, compute every metric per case.
+"""Cross-validation benchmark: collect nnU-Net validation predictions, compute every metric per case.
 
 Inputs follow nnU-Net's layout::
 
@@ -16,6 +16,7 @@ Missing folds, missing cases and missing characterization files are collected in
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nnunet_liver_ext.errors import UserError
 from nnunet_liver_ext.evaluation import lesions as lesion_metrics
 from nnunet_liver_ext.evaluation.characterization import load_case_prediction
 from nnunet_liver_ext.evaluation.metrics import Region, regions_from_labels, segmentation_metrics
@@ -99,6 +101,7 @@ class BenchmarkInputs:
     completeness: Completeness
     dataset_json: dict
     settings: EvaluationSettings
+    baseline_reason: str = ""  # how the baseline was chosen, for the report
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -241,31 +244,95 @@ def _case_files(folder: Path, file_ending: str) -> dict[str, Path]:
 
 
 def _env_folder(name: str) -> Path:
-    value = os.environ.get(name)
-    if not value:
-        raise ValueError(f"environment variable {name} is not set; the benchmark reads nnU-Net's folders from it")
-    path = Path(value)
-    if not path.is_dir():
-        raise ValueError(f"{name}={value} is not a folder")
-    return path
+    from nnunet_liver_ext.errors import env_folder
+
+    return env_folder(name, "the benchmark reads nnU-Net's folders from it")
+
+
+def default_baseline(trainers: Sequence[str]) -> tuple[str, str]:
+    """The stock nnU-Net trainer on the methods' schedule (``nnUNetTrainer_tiny`` for
+    ``nnUNetTrainerSTDNet_tiny``, ``nnUNetTrainer`` for full-length trainers), and why it was chosen.
+    Methods on different schedules have no common like-for-like baseline: a UserError."""
+    from nnunet_liver_ext.catalogue import is_stock, stock_trainer_for
+
+    methods = [t for t in trainers if not is_stock(t)]
+    if not methods:
+        return trainers[0], "the first trainer listed (all are stock nnU-Net)"
+    wanted: dict[str, list[str]] = {}
+    for method in methods:
+        wanted.setdefault(stock_trainer_for(method), []).append(method)
+    if len(wanted) > 1:
+        raise UserError("the trainers run different schedules, so no single stock trainer is their like-for-like "
+                        "baseline (" + "; ".join(f"{b} for {', '.join(m)}" for b, m in wanted.items()) + ")",
+                        "benchmark each schedule separately, or name the baseline: --baseline "
+                        + next(iter(wanted)))
+    base = next(iter(wanted))
+    return base, f"stock nnU-Net on the same schedule as {', '.join(methods)}"
+
+
+def _train_command(dataset_name: str, configuration: str, trainer: str, plans: str, folds: Sequence[int],
+                   extra: str = "") -> str:
+    from nnunet_liver_ext.errors import dataset_id
+
+    cmd = f"nnUNetv2_train {dataset_id(dataset_name)} {configuration} {{}} -tr {trainer} -p {plans}{extra}"
+    folds = list(folds)
+    if len(folds) == 1:
+        return cmd.format(folds[0])
+    return f"for f in {' '.join(map(str, folds))}; do {cmd.format('$f')}; done"
+
+
+def _check_trainers_found(results: Path, dataset_name: str, configuration: str, plans: str, folds: Sequence[int],
+                          baseline: str | None, completeness: Completeness, jobs: Sequence[CaseJob]) -> None:
+    """A trainer without a results folder is a typo or a run never started, and a baseline without
+    predictions leaves the report with no paired tests: both stop with the command that fixes them."""
+    missing = completeness.missing_trainers
+    if baseline is not None and (baseline in missing or not any(j.trainer == baseline for j in jobs)):
+        where = results / f"{baseline}__{plans}__{configuration}"
+        whys = completeness.missing_folds.get(baseline, [])
+        if baseline in missing:
+            what = f"the baseline {baseline} has no results folder {where}"
+            fix = _train_command(dataset_name, configuration, baseline, plans, folds)
+        elif whys and all("no validation folder" in why for _, why in whys):
+            what = f"the baseline {baseline} has no validation predictions in {where} (fold_k/validation missing)"
+            fix = _train_command(dataset_name, configuration, baseline, plans, [f for f, _ in whys], " --val") + \
+                "   (after training finished: nnU-Net's final validation)"
+        else:
+            what = f"the baseline {baseline} has no validation predictions for folds {list(folds)} in {where}"
+            fix = _train_command(dataset_name, configuration, baseline, plans, [f for f, _ in whys] or folds)
+        raise UserError(what + "; a report without it would have no paired tests",
+                        fix + f"; or choose another baseline with --baseline TRAINER, or none with --baseline none")
+    others = [t for t in missing if t != baseline]
+    if others:
+        trained = sorted(d.name for d in results.glob(f"*__{plans}__{configuration}") if d.is_dir()) \
+            if results.is_dir() else []
+        trained_names = tuple(name.split("__")[0] for name in trained)
+        hints = []
+        for t in others:
+            close = difflib.get_close_matches(t, [c for c in trained_names if c != t], n=3, cutoff=0.6)
+            hints.append(f"{t}: did you mean {', '.join(close)}?" if close else
+                         f"{t}: train it ({_train_command(dataset_name, configuration, t, plans, folds)})")
+        raise UserError(f"no results folder for {', '.join(others)} under {results} (plans {plans}, configuration "
+                        f"{configuration}; trained: {', '.join(trained_names) or 'none'})", "; ".join(hints))
 
 
 def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str], plans: str = "nnUNetPlans",
-                      folds: Sequence[int] = (0, 1, 2, 3, 4), baseline: str = BASELINE_TRAINER,
+                      folds: Sequence[int] = (0, 1, 2, 3, 4), baseline: str | None = None,
                       connectivity: int = lesion_metrics.DEFAULT_CONNECTIVITY,
                       size_strata_mm: Sequence[float] = lesion_metrics.DEFAULT_SIZE_STRATA_MM,
                       surface_dice_tolerances_mm: Sequence[float] = (2.0,)) -> BenchmarkInputs:
-    """Find every fold's validation predictions of every trainer and pair them with ground truth."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    """Find every fold's validation predictions of every trainer and pair them with ground truth.
+
+    ``baseline``: the trainer the others are tested against; None picks stock nnU-Net on the
+    methods' schedule (``default_baseline``), "none" means no paired tests. A baseline not in
+    ``trainers`` is added to them."""
+    from nnunet_liver_ext.errors import resolve_dataset
 
     if not trainers:
         raise ValueError("no trainer given")
     if len(set(trainers)) != len(trainers):
         raise ValueError(f"trainer list has duplicates: {list(trainers)}")
     trainers = list(trainers)
-    if baseline not in trainers:
-        trainers.insert(0, baseline)
-    dataset_name = maybe_convert_to_dataset_name(dataset)
+    dataset_name = resolve_dataset(dataset)
     preprocessed = _env_folder("nnUNet_preprocessed") / dataset_name
     results = _env_folder("nnUNet_results") / dataset_name
     splits_file = preprocessed / "splits_final.json"
@@ -279,6 +346,14 @@ def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str],
     gt_dir = preprocessed / "gt_segmentations"
     if not gt_dir.is_dir():
         raise ValueError(f"ground-truth folder {gt_dir} not found (nnUNetv2_plan_and_preprocess writes it)")
+    if baseline is None:
+        baseline, baseline_reason = default_baseline(trainers)
+    elif baseline.lower() == "none":
+        baseline, baseline_reason = None, "none requested (--baseline none)"
+    else:
+        baseline_reason = "given with --baseline"
+    if baseline is not None and baseline not in trainers:
+        trainers.insert(0, baseline)
     dataset_json_file = preprocessed / "dataset.json"
     if not dataset_json_file.is_file():
         candidates = [results / f"{t}__{plans}__{configuration}" / "dataset.json" for t in trainers]
@@ -321,11 +396,12 @@ def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str],
                 completeness.add("unexpected_files", trainer, (fold, case))
         _finish_characterization(trainer, trainer_jobs, dataset_json, completeness)
         jobs.extend(trainer_jobs)
+    _check_trainers_found(results, dataset_name, configuration, plans, folds, baseline, completeness, jobs)
     if not jobs:
         raise ValueError(f"no validation prediction found for any of {trainers} under {results} "
                          f"(plans {plans}, configuration {configuration}, folds {list(folds)})")
     return BenchmarkInputs(dataset_name, configuration, plans, trainers, baseline, list(folds), jobs,
-                           completeness, dataset_json, settings)
+                           completeness, dataset_json, settings, baseline_reason)
 
 
 def _finish_characterization(trainer: str, jobs: list[CaseJob], dataset_json: dict,

@@ -1,5 +1,5 @@
 """`nnunet-liver evaluate` (any prediction/ground-truth folder pair) and `nnunet-liver benchmark`
-(five-fold comparison of trainers from nnU-Net's results folder)."""
+(cross-validation comparison of trainers from nnU-Net's results folder)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     ev.set_defaults(func=_evaluate)
 
     bm = subparsers.add_parser(
-        "benchmark", help="five-fold comparison of trainers from nnU-Net's fold_k/validation predictions",
+        "benchmark", help="cross-validation comparison of trainers from nnU-Net's fold_k/validation predictions",
         description="Reads $nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/fold_k/validation for "
                     "every trainer and fold, the ground truth and splits from $nnUNet_preprocessed, computes all "
                     "metrics per case (cached, incremental) and writes a CSV, a Markdown report with bootstrap CIs "
@@ -49,8 +49,10 @@ def register(subparsers) -> None:
     bm.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
     bm.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     bm.add_argument("-tr", "--trainers", nargs="+", required=True, help="trainer class names to compare")
-    bm.add_argument("--baseline", default="nnUNetTrainer",
-                    help="trainer the others are tested against (default nnUNetTrainer; added if not listed)")
+    bm.add_argument("--baseline", default=None,
+                    help="trainer the others are tested against (added if not listed; 'none': no paired tests). "
+                         "Default: stock nnU-Net on the methods' schedule, i.e. nnUNetTrainer_tiny for "
+                         "nnUNetTrainerSTDNet_tiny and nnUNetTrainer for full-length trainers")
     bm.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="folds (default 0-4)")
     bm.add_argument("-o", "--output", default=None,
                     help="output folder (default: $nnUNet_results/<dataset>/benchmark__<plans>__<configuration>)")
@@ -113,7 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         out_dir = Path(args.output) if args.output else Path(args.pred_dir) / "liver_evaluation"
         return _run(inputs, out_dir, args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"nnunet-liver evaluate: error: {e}", file=sys.stderr)
         return 1
 
 
@@ -129,5 +131,5 @@ def _benchmark(args: argparse.Namespace) -> int:
             Path(os.environ["nnUNet_results"]) / inputs.dataset_name / f"benchmark__{args.plans}__{args.configuration}"
         return _run(inputs, out_dir, args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"nnunet-liver benchmark: error: {e}", file=sys.stderr)
         return 1

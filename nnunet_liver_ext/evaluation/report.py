@@ -267,21 +267,40 @@ def _json_clean(o):
     return o
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _pooled(folds) -> str:
+    if len(folds) > 1:
+        return f", pooled over {len(folds)} folds"
+    return f", fold {folds[0]}" if folds else ""
+
+
+def _title(inputs: BenchmarkInputs, rows, trainers, folds) -> str:
+    """What was read, in numbers: folds (when the predictions come from folds) and distinct cases."""
+    n_cases = len({r["case"] for r in rows})
+    if inputs.dataset_name:
+        read = (f"{_count(len(folds), 'fold')} ({', '.join(map(str, folds))}), " if folds else "") + \
+            _count(n_cases, "case")
+        return f"Benchmark, {read}: {inputs.dataset_name}, {inputs.configuration}, {inputs.plans}"
+    return f"Evaluation of {', '.join(trainers)}: {_count(n_cases, 'case')}"
+
+
 def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files, cache_stats) -> list[str]:
     s = inputs.settings
     trainers, baseline, folds = summary["trainers"], summary["baseline"], summary["folds"]
     comp = inputs.completeness
     others = [t for t in trainers if t != baseline]
-    if inputs.dataset_name:
-        title = f"# Five-fold benchmark: {inputs.dataset_name}, {inputs.configuration}, {inputs.plans}"
-    else:
-        title = f"# Evaluation of {', '.join(trainers)}"
-    md = [title, ""]
+    md = [f"# {_title(inputs, rows, trainers, folds)}", ""]
     md.append(f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by nnunet-liver.")
     md.append(f"Trainers: {', '.join(_trainer_label(t, baseline) for t in inputs.trainers)}.")
     if inputs.baseline:
         md.append(f"Baseline for the paired tests: **{inputs.baseline}**"
+                  + (f" ({inputs.baseline_reason})" if inputs.baseline_reason else "")
                   + ("" if baseline else " (no predictions found: no paired tests)") + ".")
+    elif inputs.dataset_name and len(trainers) > 1:
+        md.append("No baseline (--baseline none): no paired tests.")
     if inputs.folds is not None:
         md.append(f"Folds requested: {', '.join(map(str, inputs.folds))}; validation predictions of each fold "
                   f"(nnU-Net `fold_k/validation`), pooled, every case appears in exactly one fold.")
@@ -343,7 +362,7 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
     md += _table(["metric", "both empty", "only reference empty", "only prediction empty"],
                  [list(r) for r in EMPTY_MASK_POLICY])
 
-    md += ["## Segmentation, pooled over folds", ""]
+    md += [f"## Segmentation{_pooled(folds)}", ""]
     for region in s.regions:
         reg = summary["segmentation"][region.key]
         md += [f"### {region.display}", ""]

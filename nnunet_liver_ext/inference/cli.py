@@ -11,27 +11,91 @@ import argparse
 import os
 
 
+def _check_model(args: argparse.Namespace) -> tuple[str, list]:
+    """The model folder and the folds to load, or a UserError saying what is missing and how to get it.
+    Reads folders only, so a mistake is reported before torch is imported."""
+    from nnunet_liver_ext.errors import UserError, dataset_id, env_folder, resolve_dataset
+
+    if args.npp < 1 or args.nps < 1:
+        raise UserError("nnunet-liver predict needs -npp >= 1 and -nps >= 1 (nnU-Net's sequential mode bypasses "
+                        "the per-case hook that writes CASE.json)", "-npp 1 -nps 1")
+    if not os.path.isdir(args.i):
+        raise UserError(f"input folder {args.i} does not exist",
+                        "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
+    dataset_name = resolve_dataset(args.d)
+    did = dataset_id(dataset_name)
+    results = env_folder("nnUNet_results", "where nnUNetv2_train wrote the trained models")
+    model_name = f"{args.tr}__{args.p}__{args.c}"
+    model_folder = results / dataset_name / model_name
+    if not model_folder.is_dir():
+        raise _no_model_error(args, dataset_name, did, results / dataset_name, model_name)
+    folds = []
+    for f in args.f:
+        if f != "all":
+            try:
+                f = int(f)
+            except ValueError:
+                raise UserError(f"-f {f}: a fold is a number (0-4) or 'all'", "-f 0 1 2 3 4") from None
+        folds.append(f)
+    missing = [f for f in folds if not (model_folder / f"fold_{f}" / args.chk).is_file()]
+    if missing:
+        trained = sorted(d.name[len("fold_"):] for d in model_folder.glob("fold_*") if (d / args.chk).is_file())
+        unfinished = sorted(f for f in missing if (model_folder / f"fold_{f}" / "checkpoint_latest.pth").is_file())
+        what = (f"fold {', '.join(map(str, missing))} of {dataset_name}/{model_name} "
+                f"{'is' if len(missing) == 1 else 'are'} not trained (no fold_k/{args.chk})")
+        if unfinished:
+            what += f"; fold {', '.join(map(str, unfinished))} stopped before the end (checkpoint_latest.pth only)"
+        train = f"nnUNetv2_train {did} {args.c} FOLD -tr {args.tr} -p {args.p}" + (" --c" if unfinished else "")
+        if trained:
+            fix = f"predict with the trained fold(s): -f {' '.join(trained)}   (or train the others: {train})"
+        else:
+            fix = f"no fold has {args.chk} yet; train one: {train}"
+        raise UserError(what, fix)
+    return str(model_folder), folds
+
+
+def _no_model_error(args, dataset_name: str, did: int, dataset_results, model_name: str):
+    from nnunet_liver_ext.errors import UserError
+
+    trained = sorted(d.name for d in dataset_results.glob("*__*__*") if d.is_dir()) if dataset_results.is_dir() else []
+    same_trainer = [t for t in trained if t.startswith(f"{args.tr}__")]
+    if same_trainer:
+        plans, config = same_trainer[0].split("__")[1:3]
+        return UserError(f"{args.tr} has no model with plans {args.p} and configuration {args.c} for {dataset_name}; "
+                         f"it was trained as {', '.join(same_trainer)}", f"-p {plans} -c {config}")
+    from nnunet_liver_ext.catalogue import closest_trainers, is_nnunet_trainer, trainer_names
+
+    trained_trainers = tuple(sorted({t.split("__")[0] for t in trained}))
+    if args.tr not in trainer_names() and not is_nnunet_trainer(args.tr):
+        close = closest_trainers(args.tr, extra=trained_trainers)
+        return UserError(f"no trainer named {args.tr} (in this package or in nnU-Net)",
+                         f"did you mean {', '.join(close)}?" if close else "`nnunet-liver trainers` lists them")
+    where = f"trained for {dataset_name}: {', '.join(trained)}" if trained else f"nothing is trained for {dataset_name}"
+    return UserError(f"{args.tr} is not trained for {dataset_name} with plans {args.p}, configuration {args.c} "
+                     f"({where})", f"nnUNetv2_train {did} {args.c} FOLD -tr {args.tr} -p {args.p}")
+
+
 def _predict(args: argparse.Namespace) -> int:
+    model_folder, folds = _check_model(args)
+
     import torch
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from nnunet_liver_ext.inference.characterization import CharacterizationPredictor
-    from nnunet_liver_ext.paths import TRAINERS_DIR
+    from nnunet_liver_ext.paths import TRAINERS_DIR, points_at_our_trainers
 
     # the predictor rebuilds the network through the trainer class, which nnU-Net finds here
-    os.environ.setdefault("nnUNet_extTrainer", str(TRAINERS_DIR))
-    if args.npp < 1 or args.nps < 1:
-        raise SystemExit("nnunet-liver predict needs -npp >= 1 and -nps >= 1 (nnU-Net's sequential mode bypasses "
-                         "the per-case hook that writes CASE.json)")
+    if not points_at_our_trainers():
+        current = os.environ.get("nnUNet_extTrainer")
+        os.environ["nnUNet_extTrainer"] = f"{current}{os.pathsep}{TRAINERS_DIR}" if current else str(TRAINERS_DIR)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from nnunet_liver_ext.errors import UserError
+
+        raise UserError("-device cuda (the default), but torch finds no CUDA GPU on this machine", "-device cpu")
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     elif args.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    if not os.path.isdir(model_folder):
-        raise SystemExit(f"no trained model at {model_folder} (dataset {args.d}, trainer {args.tr}, plans {args.p}, "
-                         f"configuration {args.c})")
     os.makedirs(args.o, exist_ok=True)
     predictor = CharacterizationPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                           use_mirroring=not args.disable_tta,
@@ -39,7 +103,6 @@ def _predict(args: argparse.Namespace) -> int:
                                           device=torch.device(args.device), verbose=args.verbose,
                                           verbose_preprocessing=args.verbose,
                                           allow_tqdm=not args.disable_progress_bar)
-    folds = [f if f == "all" else int(f) for f in args.f]
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
                                  overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,

@@ -120,7 +120,12 @@ def _layout(args):
     if args.layout == "atlas":
         return writers.write_atlas(out, train)
     if args.layout == "tcga-dicom":
-        return writers.write_tcga_dicom(out, train)
+        root = writers.write_tcga_dicom(out, train, test, truth_dir=args.test_truth)
+        if test:
+            truth = Path(args.test_truth) if args.test_truth else out.with_name(out.name + "_test_truth")
+            print(f"{len(test)} held-out patient(s) without masks in {root}; their truth in {truth} "
+                  f"(labelsTs/, test_targets.json)")
+        return root
     return writers.write_dynamic_mri(out, train, with_curves=not args.no_curves)
 
 
@@ -162,6 +167,14 @@ def register(subparsers) -> None:
         p.add_argument("-o", "--output", required=True, help="output folder")
         if layout in ("lits", "msd"):
             p.add_argument("--test", type=int, default=0, help="extra unlabelled test volumes [0]")
+        if layout == "tcga-dicom":
+            p.add_argument("--test", type=int, default=0,
+                           help="extra held-out patients: DICOM series only (no mask, not in classes.csv), their "
+                                "truth written to --test-truth [0]")
+            p.add_argument("--test-truth", default=None, metavar="DIR",
+                           help="where the held-out patients' truth goes: labelsTs/PID.nii.gz, test_targets.json "
+                                "(for nnunet-liver evaluate --dataset-json), phantom_truth.json "
+                                "[OUTPUT_test_truth, next to the output folder]")
         if layout == "msd":
             p.add_argument("--apple-double", action="store_true",
                            help="also write the ._liver_N.nii.gz junk files of the real MSD tarball")

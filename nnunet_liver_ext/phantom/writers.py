@@ -312,121 +312,169 @@ def _dicom_time(base: _dt.datetime, seconds: float) -> str:
     return (base + _dt.timedelta(seconds=float(seconds))).strftime("%H%M%S.%f")
 
 
-def write_tcga_dicom(out_dir, cases: Sequence[PhantomCase]) -> Path:
-    """TCIA TCGA-LIHC style: `{pid}/{study}/{series}/1-{k:03d}.dcm`, one CT series per phase
-    (as acquired, with motion), plus `masks/{pid}.nii.gz`, `classes.csv` and
-    `phantom_truth.json` (motion per phase, so registration can be checked).
-
-    Slices are numbered from the top (superior) in some patients and from the bottom in others,
-    so file-name order is not slice order; readers must sort by ImagePositionPatient.
-    """
+def _write_dicom_patient(root: Path, pid: str, index: int, case: PhantomCase) -> tuple[dict, bool]:
+    """One patient's CT series (one per phase, as acquired); returns the SeriesDescription per phase
+    and whether slices are numbered from the top."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
+    rng = np.random.default_rng([zlib.crc32(case.case_id.encode()), index])
+    study_date = _dt.datetime(2000, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 4500)),
+                                                         seconds=int(rng.integers(8 * 3600, 17 * 3600)))
+    study_uid = _uid(pid, case.case_id, "study")
+    frame_uid = _uid(pid, case.case_id, "frame")
+    study_folder = f"{study_date:%m-%d-%Y}-NA-CT ABDOMEN LIVER-{int(rng.integers(10000, 99999))}"
+    descending = bool(rng.random() < 0.5)
+    nz, ny, nx = case.label.shape
+    sz, sy, sx = case.spacing
+    descriptions = {}
+    for k, phase in enumerate(case.phases):
+        variants = SERIES_DESCRIPTIONS[phase]
+        desc = variants[int(rng.integers(len(variants)))]
+        descriptions[phase] = desc
+        series_number = k + 2
+        series_uid = _uid(pid, case.case_id, "series", phase)
+        folder = root / pid / study_folder / f"{series_number}.000000-{desc}-{int(rng.integers(10000, 99999))}"
+        folder.mkdir(parents=True, exist_ok=True)
+        acq_s = 60.0 + float(case.acquisition_times_s[k])  # scan starts a minute after study start
+        hu = np.clip(np.rint(case.images[k]), -1024, 3071)
+        stored = (hu + 1024).astype(np.int16)
+        for z in range(nz):
+            instance = nz - z if descending else z + 1
+            sop_uid = _uid(pid, case.case_id, phase, z)
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID = CT_IMAGE_STORAGE
+            ds.SOPInstanceUID = sop_uid
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = f"{study_date:%Y%m%d}"
+            ds.StudyTime = study_date.strftime("%H%M%S")
+            ds.SeriesTime = ds.AcquisitionTime = _dicom_time(study_date, acq_s)
+            ds.ContentTime = _dicom_time(study_date, acq_s + 0.05 * z)
+            ds.Modality = "CT"
+            ds.Manufacturer = "nnunet_liver_ext phantom"
+            ds.InstitutionName = "Phantom"
+            ds.StudyDescription = "CT ABDOMEN LIVER"
+            ds.SeriesDescription = desc
+            ds.BodyPartExamined = "ABDOMEN"
+            ds.PatientName = pid
+            ds.PatientID = pid
+            ds.PatientBirthDate = ""
+            ds.PatientSex = "O"
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.FrameOfReferenceUID = frame_uid
+            ds.StudyID = "1"
+            ds.SeriesNumber = series_number
+            ds.AcquisitionNumber = 1
+            ds.InstanceNumber = instance
+            if phase != "pre_contrast":
+                ds.ContrastBolusAgent = "IV CONTRAST"
+            ds.KVP = 120
+            ds.SliceThickness = f"{sz:.6g}"
+            ds.SpacingBetweenSlices = f"{sz:.6g}"
+            position = (case.origin[0], case.origin[1], case.origin[2] + z * sz)
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+            ds.ImageOrientationPatient = [f"{v:.6g}" for v in case.direction[0:7:3] + case.direction[1:8:3]]
+            ds.SliceLocation = f"{position[2]:.6f}"
+            ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]
+            ds.Rows, ds.Columns = ny, nx
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+            ds.PixelRepresentation = 1
+            ds.RescaleIntercept = "-1024"
+            ds.RescaleSlope = "1"
+            ds.RescaleType = "HU"
+            ds.WindowCenter, ds.WindowWidth = "40", "400"
+            ds.PixelData = np.ascontiguousarray(stored[z]).tobytes()
+            pydicom.dcmwrite(folder / f"1-{instance:03d}.dcm", ds, enforce_file_format=True)
+    return descriptions, descending
+
+
+def _patient_truth(case: PhantomCase, descriptions: dict, descending: bool) -> dict:
+    return {
+        "case_id": case.case_id,
+        "class": case.case_class,
+        "phases": list(case.phases),
+        "series_description": descriptions,
+        "motion": {p: {key: list(v) for key, v in m.items()} for p, m in zip(case.phases, case.motion)},
+        "motion_convention": "SimpleITK Euler3DTransform (degrees) mapping reference (portal venous) "
+                             "points to the phase's frame, i.e. what registering phase (moving) "
+                             "to portal venous (fixed) recovers",
+        "acquisition_times_s": dict(zip(case.phases, case.acquisition_times_s)),
+        "spacing_zyx": list(case.spacing),
+        "origin_xyz": list(case.origin),
+        "curve": case.curve,
+        "slices_numbered_from_top": descending,
+    }
+
+
+def write_tcga_dicom(out_dir, cases: Sequence[PhantomCase], test_cases: Sequence[PhantomCase] = (),
+                     truth_dir=None) -> Path:
+    """TCIA TCGA-LIHC style: `{pid}/{study}/{series}/1-{k:03d}.dcm`, one CT series per phase
+    (as acquired, with motion), plus `masks/{pid}.nii.gz`, `classes.csv` and
+    `phantom_truth.json` (motion per phase, so registration can be checked).
+
+    `test_cases` become held-out patients (numbered after the training ones): their DICOM series
+    only, no mask, no class. Their truth goes to `truth_dir` (default: `{out_dir}_test_truth`,
+    outside the source folder, where the converter never looks): `labelsTs/{pid}.nii.gz` on the
+    portal venous grid the converter writes, `test_targets.json` (labels and characterization in
+    dataset.json form, for `nnunet-liver evaluate --dataset-json`) and `phantom_truth.json`.
+
+    Slices are numbered from the top (superior) in some patients and from the bottom in others,
+    so file-name order is not slice order; readers must sort by ImagePositionPatient.
+    """
     cases = _check_cases(cases, "write_tcga_dicom(cases)", "CT", (REFERENCE_PHASE,))
+    test_cases = _check_cases(test_cases, "write_tcga_dicom(test_cases)", "CT", (REFERENCE_PHASE,))
+    duplicated = {c.case_id for c in cases} & {c.case_id for c in test_cases}
+    if duplicated:
+        raise ValueError(f"case ids in both train and test cases: {sorted(duplicated)}")
     root = Path(out_dir)
+    truth_root = Path(truth_dir) if truth_dir is not None else root.with_name(root.name + "_test_truth")
+    if test_cases and truth_root.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"the test truth folder {truth_root} is inside the source folder {root}, where the "
+                         f"converter would read it as a patient")
     root.mkdir(parents=True, exist_ok=True)
     truth, class_rows = {}, []
     for i, case in enumerate(cases):
         pid = f"TCGA-PH-{i:04d}"
-        rng = np.random.default_rng([zlib.crc32(case.case_id.encode()), i])
-        study_date = _dt.datetime(2000, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 4500)),
-                                                             seconds=int(rng.integers(8 * 3600, 17 * 3600)))
-        study_uid = _uid(pid, case.case_id, "study")
-        frame_uid = _uid(pid, case.case_id, "frame")
-        study_folder = f"{study_date:%m-%d-%Y}-NA-CT ABDOMEN LIVER-{int(rng.integers(10000, 99999))}"
-        descending = bool(rng.random() < 0.5)
-        nz, ny, nx = case.label.shape
-        sz, sy, sx = case.spacing
-        descriptions = {}
-        for k, phase in enumerate(case.phases):
-            variants = SERIES_DESCRIPTIONS[phase]
-            desc = variants[int(rng.integers(len(variants)))]
-            descriptions[phase] = desc
-            series_number = k + 2
-            series_uid = _uid(pid, case.case_id, "series", phase)
-            folder = root / pid / study_folder / f"{series_number}.000000-{desc}-{int(rng.integers(10000, 99999))}"
-            folder.mkdir(parents=True, exist_ok=True)
-            acq_s = 60.0 + float(case.acquisition_times_s[k])  # scan starts a minute after study start
-            hu = np.clip(np.rint(case.images[k]), -1024, 3071)
-            stored = (hu + 1024).astype(np.int16)
-            for z in range(nz):
-                instance = nz - z if descending else z + 1
-                sop_uid = _uid(pid, case.case_id, phase, z)
-                meta = FileMetaDataset()
-                meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-                meta.MediaStorageSOPInstanceUID = sop_uid
-                meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-                ds = Dataset()
-                ds.file_meta = meta
-                ds.SOPClassUID = CT_IMAGE_STORAGE
-                ds.SOPInstanceUID = sop_uid
-                ds.SpecificCharacterSet = "ISO_IR 100"
-                ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-                ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = f"{study_date:%Y%m%d}"
-                ds.StudyTime = study_date.strftime("%H%M%S")
-                ds.SeriesTime = ds.AcquisitionTime = _dicom_time(study_date, acq_s)
-                ds.ContentTime = _dicom_time(study_date, acq_s + 0.05 * z)
-                ds.Modality = "CT"
-                ds.Manufacturer = "nnunet_liver_ext phantom"
-                ds.InstitutionName = "Phantom"
-                ds.StudyDescription = "CT ABDOMEN LIVER"
-                ds.SeriesDescription = desc
-                ds.BodyPartExamined = "ABDOMEN"
-                ds.PatientName = pid
-                ds.PatientID = pid
-                ds.PatientBirthDate = ""
-                ds.PatientSex = "O"
-                ds.StudyInstanceUID = study_uid
-                ds.SeriesInstanceUID = series_uid
-                ds.FrameOfReferenceUID = frame_uid
-                ds.StudyID = "1"
-                ds.SeriesNumber = series_number
-                ds.AcquisitionNumber = 1
-                ds.InstanceNumber = instance
-                if phase != "pre_contrast":
-                    ds.ContrastBolusAgent = "IV CONTRAST"
-                ds.KVP = 120
-                ds.SliceThickness = f"{sz:.6g}"
-                ds.SpacingBetweenSlices = f"{sz:.6g}"
-                position = (case.origin[0], case.origin[1], case.origin[2] + z * sz)
-                ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-                ds.ImageOrientationPatient = [f"{v:.6g}" for v in case.direction[0:7:3] + case.direction[1:8:3]]
-                ds.SliceLocation = f"{position[2]:.6f}"
-                ds.PixelSpacing = [f"{sy:.6g}", f"{sx:.6g}"]
-                ds.Rows, ds.Columns = ny, nx
-                ds.SamplesPerPixel = 1
-                ds.PhotometricInterpretation = "MONOCHROME2"
-                ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-                ds.PixelRepresentation = 1
-                ds.RescaleIntercept = "-1024"
-                ds.RescaleSlope = "1"
-                ds.RescaleType = "HU"
-                ds.WindowCenter, ds.WindowWidth = "40", "400"
-                ds.PixelData = np.ascontiguousarray(stored[z]).tobytes()
-                pydicom.dcmwrite(folder / f"1-{instance:03d}.dcm", ds, enforce_file_format=True)
+        descriptions, descending = _write_dicom_patient(root, pid, i, case)
         _write_image(case, case.label, root / "masks" / f"{pid}.nii.gz", label=True)
         class_rows.append((pid, case.case_class or ""))
-        truth[pid] = {
-            "case_id": case.case_id,
-            "class": case.case_class,
-            "phases": list(case.phases),
-            "series_description": descriptions,
-            "motion": {p: {key: list(v) for key, v in m.items()} for p, m in zip(case.phases, case.motion)},
-            "motion_convention": "SimpleITK Euler3DTransform (degrees) mapping reference (portal venous) "
-                                 "points to the phase's frame, i.e. what registering phase (moving) "
-                                 "to portal venous (fixed) recovers",
-            "acquisition_times_s": dict(zip(case.phases, case.acquisition_times_s)),
-            "spacing_zyx": list(case.spacing),
-            "origin_xyz": list(case.origin),
-            "curve": case.curve,
-            "slices_numbered_from_top": descending,
-        }
+        truth[pid] = _patient_truth(case, descriptions, descending)
     with open(root / "classes.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["patient_id", "class"])
         writer.writerows(class_rows)
     (root / "phantom_truth.json").write_text(json.dumps(truth, indent=2))
+    if test_cases:
+        test_truth, test_ids = {}, {}
+        for j, case in enumerate(test_cases):
+            i = len(cases) + j
+            pid = f"TCGA-PH-{i:04d}"
+            descriptions, descending = _write_dicom_patient(root, pid, i, case)
+            _write_image(case, case.label, truth_root / "labelsTs" / f"{pid}.nii.gz", label=True)
+            test_truth[pid] = _patient_truth(case, descriptions, descending)
+            test_ids[pid] = case
+        # the converter's class list: the training patients' classes, in the fixed lesion order
+        train_classes = {c.case_class for c in cases if c.case_class is not None}
+        classes = [c for c in LESION_CLASSES if c in train_classes] + sorted(train_classes - set(LESION_CLASSES))
+        targets = {
+            "labels": dict(LABELS), "file_ending": ".nii.gz", "phases": list(test_cases[0].phases),
+            "characterization": {"classes": classes,
+                                  "cases": {pid: classes.index(c.case_class) for pid, c in test_ids.items()
+                                            if c.case_class in classes}},
+            "not_scored": {pid: f"class {c.case_class!r} has no training patient" for pid, c in test_ids.items()
+                           if c.case_class is not None and c.case_class not in classes},
+        }
+        (truth_root / "test_targets.json").write_text(json.dumps(targets, indent=2))
+        (truth_root / "phantom_truth.json").write_text(json.dumps(test_truth, indent=2))
     return root
