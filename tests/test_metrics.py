@@ -287,3 +287,13 @@ def test_case_json_is_validated(tmp_path):
     (tmp_path / "c2.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="c2.json"):
         characterization.load_case_prediction(tmp_path / "c2.json")
+
+
+def test_a_curve_only_case_json_is_read_without_classes(tmp_path):
+    """MTI-Net's segmentation + regression ablation has a curve head and no class head."""
+    curve_only = dict(case="c3", classes=[], probabilities=[], predicted_class=None, predicted_index=None,
+                      lesion_voxels=5, enhancement_curve=[1.0, 2.0], phases=["arterial", "delayed"])
+    (tmp_path / "c3.json").write_text(json.dumps(curve_only))
+    read = characterization.load_case_prediction(tmp_path / "c3.json")
+    assert read["predicted_index"] is None and read["predicted_class"] is None
+    assert read["enhancement_curve"] == [1.0, 2.0]

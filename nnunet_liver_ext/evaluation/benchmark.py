@@ -168,14 +168,16 @@ def _characterization_columns(job: CaseJob) -> dict:
     pred = load_case_prediction(job.json_path)
     if pred["case"] != job.case:
         raise ValueError(f"case {job.case}: {job.json_path} is for case {pred['case']!r}")
-    if job.class_names is not None and pred["classes"] != job.class_names:
-        raise ValueError(f"case {job.case}: classes {pred['classes']} in {job.json_path} differ from "
-                         f"dataset.json's characterization classes {job.class_names}")
-    cols.update(char_available=True, pred_class_index=pred["predicted_index"], pred_class=pred["predicted_class"],
-                true_class_index=job.truth.class_index if job.truth.class_index is not None else "",
-                true_class=(pred["classes"][job.truth.class_index] if job.truth.class_index is not None else ""))
-    for name, p in zip(pred["classes"], pred["probabilities"]):
-        cols[f"prob_{name}"] = p
+    if pred["classes"]:
+        if job.class_names is not None and pred["classes"] != job.class_names:
+            raise ValueError(f"case {job.case}: classes {pred['classes']} in {job.json_path} differ from "
+                             f"dataset.json's characterization classes {job.class_names}")
+        cols.update(char_available=True, pred_class_index=pred["predicted_index"],
+                    pred_class=pred["predicted_class"],
+                    true_class_index=job.truth.class_index if job.truth.class_index is not None else "",
+                    true_class=(pred["classes"][job.truth.class_index] if job.truth.class_index is not None else ""))
+        for name, p in zip(pred["classes"], pred["probabilities"]):
+            cols[f"prob_{name}"] = p
     curve = pred["enhancement_curve"]
     if curve is not None and job.truth.curve is not None:
         if len(curve) != len(job.truth.curve):

@@ -108,10 +108,12 @@ def load_case_prediction(path: str | Path) -> dict:
     classes, probs = list(data["classes"]), [float(p) for p in data["probabilities"]]
     if len(classes) != len(probs):
         raise ValueError(f"characterization file {path}: {len(classes)} classes but {len(probs)} probabilities")
-    idx = int(data["predicted_index"])
-    if not 0 <= idx < len(classes) or classes[idx] != data["predicted_class"]:
-        raise ValueError(f"characterization file {path}: predicted_index {idx} does not name "
-                         f"predicted_class {data['predicted_class']!r} in {classes}")
+    idx = None
+    if classes:  # a method with a curve head only (e.g. MTI-Net seg + regression) writes no classes
+        idx = int(data["predicted_index"])
+        if not 0 <= idx < len(classes) or classes[idx] != data["predicted_class"]:
+            raise ValueError(f"characterization file {path}: predicted_index {idx} does not name "
+                             f"predicted_class {data['predicted_class']!r} in {classes}")
     curve = data.get("enhancement_curve")
     phases = data.get("phases")
     if curve is not None:
@@ -119,6 +121,6 @@ def load_case_prediction(path: str | Path) -> dict:
         if phases is not None and len(phases) != len(curve):
             raise ValueError(f"characterization file {path}: {len(curve)} curve values for phases {phases}")
     return dict(case=str(data["case"]), classes=classes, probabilities=probs, predicted_index=idx,
-                predicted_class=str(data["predicted_class"]), enhancement_curve=curve,
+                predicted_class=str(data["predicted_class"]) if classes else None, enhancement_curve=curve,
                 phases=list(phases) if phases is not None else None,
                 lesion_voxels=data.get("lesion_voxels"))

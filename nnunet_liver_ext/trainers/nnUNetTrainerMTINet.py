@@ -1,0 +1,313 @@
+"""MTI-Net trainers: ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerMTINet`` (``2d`` for the
+paper's setting).
+
+The network is ``nnunet_liver_ext.networks.mti_net.MTINet`` built from the plans. One training step:
+
+- generator step: ``net(x, heads=True, lesion_mask=reference tumor)``; loss = ``seg`` x nnU-Net's
+  Dice+CE + ``curve`` x L1 of the curve head to dataset.json ``enhancement`` in standardised units
+  (the shared trainer's term) + ``cls`` x cross-entropy (shared) + ``tim`` x L_1seg + ``adv`` x the
+  discriminator's BCE of the predicted (curve, class probabilities) against "real"; the encoder,
+  MdIEF, decoder and heads are updated, the discriminator is not;
+- discriminator step: BCE of the discriminator on the reference (curve, one-hot class) pairs
+  (real) and on the generator step's detached predictions (fake); only the discriminator is
+  updated (its own Adam, lr ``discriminator_lr``).
+
+TIM (L_1seg): the predicted tumor probability (full-resolution output, not detached: the term trains
+the segmentation) weights every phase image of the batch; the weighted means form a curve, compared
+(L1) with the same curve under the reference tumor mask on the same nnU-Net-normalised images.
+Samples whose patch has no reference tumor are left out of TIM, the class and the adversarial terms.
+
+The discriminator is a submodule of the network (so the checkpoint's ``network_weights`` hold it and
+stock ``nnUNetv2_predict`` rebuilds and strictly loads it; inference never runs it) and its Adam is
+the last optimizer of the trainer's ``HybridOptimizer`` (so nnU-Net's checkpoint ``optimizer_state``
+and ``--c`` carry it). DDP: the generator step runs through DDP's forward and every parameter,
+the discriminator's included, receives a gradient in its backward (the discriminator's are then
+dropped); the discriminator step's backward runs outside DDP's forward, which DDP ignores, and its
+gradients are averaged across ranks explicitly.
+
+Convolutional parts (encoder, MdIEF, concatenation, decoder) keep nnU-Net's SGD and polynomial
+decay; the token pooling, Transformer and heads train with AdamW (as for STD-Net: under nnU-Net's
+SGD the heads stayed at chance). ``_paper``: Adam lr 1e-4 for everything, constant, 100 epochs.
+Ablations (paper Tables 3-4): ``_noMdIEF``, ``_noSpectral``, ``_noSpatial``, ``_noTIM``, ``_noTDD``,
+``_segOnly``, ``_segReg``, ``_segCls``; plus ``_noWeightSharing`` (one encoder per phase).
+"""
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nnunet_liver_ext.losses.case_losses import masked_l1
+from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
+from nnunet_liver_ext.networks.mti_net import MTINet, masked_phase_means
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup
+from nnunet_liver_ext.training.plans import liver_ext_block
+from nnunet_liver_ext.training.schedules import register_schedule_variants
+
+DISCRIMINATOR_PREFIX = "discriminator."
+
+
+def _masked_bce(logits: torch.Tensor, real: bool, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits against all-real or all-fake over the masked samples; a graph-connected zero
+    (every parameter behind ``logits`` still gets a gradient, as DDP requires) when none is kept."""
+    if not mask.any():
+        return logits.float().sum() * 0.0
+    kept = logits[mask].float()
+    return F.binary_cross_entropy_with_logits(kept, torch.full_like(kept, 1.0 if real else 0.0))
+
+
+class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
+    """MTI-Net: per-phase encoder + MdIEF, concatenation decoder, Transformer curve/class heads, TIM and TDD."""
+
+    network_class = MTINet
+    network_kwargs = {}
+    #: L_seg (nnU-Net's Dice+CE), L_reg (curve L1, standardised units), L_cls (CE), L_1seg (TIM), L_adv
+    loss_weights = {"seg": 1.0, "curve": 1.0, "cls": 0.5, "tim": 0.5, "adv": 0.05}
+    adaptive_module_prefixes = ("token_pools.", "transformer.", "curve_head.", "cls_head.")
+    network_takes_lesion_channel = True
+    #: built where the dataset has their targets (the shared trainer's plans block); the TDD needs both
+    case_heads = ("cls", "curve")
+    dataset_keys_required = ("characterization", "enhancement")
+    dataset_keys_used = ("phases", "characterization", "enhancement")
+    discriminator_lr: float = 1e-4
+    discriminator_betas = (0.5, 0.999)
+
+    # ------------------------------------------------------------------ network
+    @classmethod
+    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+        # build only what the training step uses (DDP without find_unused_parameters)
+        heads = plans_block.get("case_heads", [])
+        curve = "curve" in heads and bool(plans_block.get("enhancement_stats"))
+        classes = "cls" in heads and bool(plans_block.get("case_classes"))
+        kwargs = {"curve_head": curve, "discriminator": curve and classes and cls.loss_weights.get("adv", 0) > 0}
+        phases = plans_block.get("phases")
+        if phases:
+            if num_input_channels % len(phases):
+                raise ValueError(f"{num_input_channels} input channels cannot be split into the {len(phases)} "
+                                 f"phases {phases} of dataset.json")
+            kwargs["channels_per_phase"] = num_input_channels // len(phases)
+        return kwargs
+
+    # ------------------------------------------------------------------ optimisers
+    def generator_optimizers(self, sgd_params: list, adaptive_params: list) -> List[torch.optim.Optimizer]:
+        optimizers = [torch.optim.SGD(sgd_params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                      nesterov=True)]
+        if adaptive_params:
+            optimizers.append(torch.optim.AdamW(adaptive_params, self.adaptive_lr,
+                                                weight_decay=self.adaptive_weight_decay))
+        return optimizers
+
+    def lr_scheduler_for(self, optimizer):
+        return PolyLRPerGroup(optimizer, self.num_epochs)
+
+    def configure_optimizers(self):
+        network = unwrap_network(self.network)
+        named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
+        prefixes = tuple(self.adaptive_module_prefixes)
+        generator = [(n, p) for n, p in named if not n.startswith(DISCRIMINATOR_PREFIX)]
+        sgd = [p for n, p in generator if not n.startswith(prefixes)]
+        adaptive = [p for n, p in generator if n.startswith(prefixes)]
+        optimizers = self.generator_optimizers(sgd, adaptive)
+        discriminator = [p for n, p in named if n.startswith(DISCRIMINATOR_PREFIX)]
+        self.discriminator_optimizer = None
+        if discriminator:
+            # the last optimizer of the HybridOptimizer: nnU-Net's checkpoint (optimizer_state) and --c carry it
+            self.discriminator_optimizer = torch.optim.Adam(discriminator, self.discriminator_lr,
+                                                            betas=self.discriminator_betas)
+            optimizers.append(self.discriminator_optimizer)
+        optimizer = HybridOptimizer(optimizers)
+        self.print_to_log_file(
+            "Optimizers: " + ", ".join(f"{type(o).__name__} (lr {o.param_groups[0]['lr']}, "
+                                       f"{sum(len(g['params']) for g in o.param_groups)} tensors)" for o in optimizers)
+            + f"; discriminator: {'yes' if discriminator else 'none'}; loss weights {self.loss_weights}")
+        return optimizer, self.lr_scheduler_for(optimizer)
+
+    # ------------------------------------------------------------------ losses
+    def tim_loss(self, data: torch.Tensor, output: NetworkOutput, tumor: torch.Tensor) -> torch.Tensor:
+        """L_1seg: L1 between the curve under the predicted tumor probability and under the reference
+        tumor mask, both the weighted means of the same normalised phase images. tumor ``(B, 1, *S)`` bool."""
+        network = unwrap_network(self.network)
+        channel = liver_ext_block(self.plans_manager.plans).get("lesion_channel", -1)
+        logits = output.seg_highres.float()
+        channel %= logits.shape[1]
+        probability = torch.softmax(logits, 1)[:, channel:channel + 1]
+        predicted = masked_phase_means(data, probability, network.channels_per_phase)
+        reference = masked_phase_means(data, tumor.float(), network.channels_per_phase)
+        return masked_l1(predicted, reference, tumor.flatten(1).any(1))
+
+    def adversarial_pairs(self, output: NetworkOutput, keys: List[str], tumor: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Predicted ("fake") and reference ("real") (curve, class probabilities) of the batch, and the
+        samples that have both labels and tumor in their patch."""
+        mean, std = liver_ext_block(self.plans_manager.plans).get("enhancement_stats", (0.0, 1.0))
+        curves, known_curve = self.case_targets.curves(keys, output.curve.shape[1], self.device)
+        labels, known_class = self.case_targets.class_labels(keys, self.device)
+        k = output.cls_logits.shape[1]
+        return {"fake_curve": output.curve.float(), "fake_probs": torch.softmax(output.cls_logits.float(), -1),
+                "real_curve": (curves - mean) / std, "real_probs": F.one_hot(labels.clamp(min=0), k).float(),
+                "mask": known_curve & known_class & tumor.flatten(1).any(1)}
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        keys = [str(k) for k in batch["keys"]]
+        tumor = (target[0] if isinstance(target, list) else target) == self.tumor_label
+        lesion_mask = tumor.float() if self.guide_heads_with_reference_lesion else None
+        discriminator = unwrap_network(self.network).discriminator
+
+        self.optimizer.zero_grad(set_to_none=True)
+        pairs = None
+        with self._autocast():
+            output = self.network(data, heads=True, lesion_mask=lesion_mask)
+            seg_loss = self.loss(output.seg, target)
+            terms = self.case_loss_terms(output, target, keys)
+            if self.loss_weights.get("tim", 0) > 0:
+                terms["tim"] = self.loss_weights["tim"] * self.tim_loss(data, output, tumor)
+            if discriminator is not None:
+                pairs = self.adversarial_pairs(output, keys, tumor)
+                # the generator wants its pairs judged real; the discriminator's own gradients from this
+                # term are computed (DDP expects every parameter in this backward) and then dropped
+                terms["adv"] = self.loss_weights["adv"] * _masked_bce(
+                    discriminator(pairs["fake_curve"], pairs["fake_probs"]), True, pairs["mask"])
+            loss = self.loss_weights.get("seg", 1.0) * seg_loss + sum(terms.values())
+        self._last_keys = keys
+        self.check_finite_losses({"seg": seg_loss, **terms})
+        self._generator_update(loss, discriminator)
+        self.iteration_in_epoch = getattr(self, "iteration_in_epoch", 0) + 1
+        result = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
+        result.update({f"{name}_loss": value.detach().cpu().numpy() for name, value in terms.items()})
+        if pairs is not None:
+            result["disc_loss"] = self._discriminator_update(discriminator, pairs)
+        return result
+
+    def _generator_update(self, loss: torch.Tensor, discriminator) -> None:
+        """nnU-Net's update (grad scaler on CUDA, clipping at 12) of everything but the discriminator:
+        its gradients are dropped, so its Adam (inside the HybridOptimizer) skips it."""
+        def drop_discriminator_gradients():
+            if discriminator is not None:
+                for p in discriminator.parameters():
+                    p.grad = None
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            drop_discriminator_gradients()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            drop_discriminator_gradients()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def _discriminator_update(self, discriminator, pairs: Dict[str, torch.Tensor]):
+        """One step of the discriminator alone on real pairs and the generator step's detached predictions.
+        Runs in fp32 (the discriminator casts) without the grad scaler; outside DDP's forward, so DDP
+        leaves these gradients alone and they are averaged across ranks here."""
+        self.optimizer.zero_grad(set_to_none=True)
+        mask = pairs["mask"]
+        d_real = discriminator(pairs["real_curve"], pairs["real_probs"])
+        d_fake = discriminator(pairs["fake_curve"].detach(), pairs["fake_probs"].detach())
+        loss = 0.5 * (_masked_bce(d_real, True, mask) + _masked_bce(d_fake, False, mask))
+        loss.backward()
+        kept = mask.sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for p in discriminator.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            dist.all_reduce(kept)
+        if kept.item() > 0:  # every rank takes the same decision (kept is summed over ranks)
+            self.discriminator_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().cpu().numpy()
+
+
+class nnUNetTrainerMTINet_paper(nnUNetTrainerMTINet):
+    """MTI-Net with the paper's optimisation: Adam lr 1e-4 (constant) for everything, 100 epochs; train it on 2d."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.num_epochs = 100
+        if configuration != "2d" and "2d" in plans.get("configurations", {}):
+            self.print_to_log_file("The paper trains on 2D slices: nnUNetv2_train DATASET 2d FOLD -tr "
+                                   f"{type(self).__name__} reproduces that setting (this run: {configuration}).")
+
+    def generator_optimizers(self, sgd_params: list, adaptive_params: list) -> List[torch.optim.Optimizer]:
+        return [torch.optim.Adam(sgd_params + adaptive_params, self.initial_lr)]
+
+    def lr_scheduler_for(self, optimizer):
+        return PolyLRPerGroup(optimizer, self.num_epochs, exponent=0.0)  # constant
+
+
+class nnUNetTrainerMTINet_noMdIEF(nnUNetTrainerMTINet):
+    """MTI-Net ablation (Table 3): no MdIEF, the encoder features go to the decoder and the Transformer as they are."""
+
+    network_kwargs = {"mdief": "none"}
+
+
+class nnUNetTrainerMTINet_noSpectral(nnUNetTrainerMTINet):
+    """MTI-Net ablation (Table 3): MdIEF without the spectral (FFT high-pass) input to its second branch."""
+
+    network_kwargs = {"mdief": "no_spectral"}
+
+
+class nnUNetTrainerMTINet_noSpatial(nnUNetTrainerMTINet):
+    """MTI-Net ablation (Table 3): MdIEF's spectral branch alone, without the spatial features."""
+
+    network_kwargs = {"mdief": "no_spatial"}
+
+
+class nnUNetTrainerMTINet_noTIM(nnUNetTrainerMTINet):
+    """MTI-Net ablation (Table 3): no task interaction module (no L_1seg)."""
+
+    loss_weights = {**nnUNetTrainerMTINet.loss_weights, "tim": 0.0}
+
+
+class nnUNetTrainerMTINet_noTDD(nnUNetTrainerMTINet):
+    """MTI-Net ablation (Table 3): no task-driven discriminator (no L_adv, no discriminator built)."""
+
+    loss_weights = {**nnUNetTrainerMTINet.loss_weights, "adv": 0.0}
+
+
+class nnUNetTrainerMTINet_segOnly(nnUNetTrainerMTINet):
+    """MTI-Net synergy ablation (Table 4): segmentation only (no heads, TIM or discriminator)."""
+
+    loss_weights = {**nnUNetTrainerMTINet.loss_weights, "curve": 0.0, "cls": 0.0, "tim": 0.0, "adv": 0.0}
+    case_heads = ()
+    dataset_keys_required = ()
+    dataset_keys_used = ("phases",)
+
+
+class nnUNetTrainerMTINet_segReg(nnUNetTrainerMTINet):
+    """MTI-Net synergy ablation (Table 4): segmentation + enhancement regression (with TIM), no class head."""
+
+    loss_weights = {**nnUNetTrainerMTINet.loss_weights, "cls": 0.0, "adv": 0.0}
+    case_heads = ("curve",)
+    dataset_keys_required = ("enhancement",)
+    dataset_keys_used = ("phases", "enhancement")
+
+
+class nnUNetTrainerMTINet_segCls(nnUNetTrainerMTINet):
+    """MTI-Net synergy ablation (Table 4): segmentation + classification, no curve head, TIM or discriminator."""
+
+    loss_weights = {**nnUNetTrainerMTINet.loss_weights, "curve": 0.0, "tim": 0.0, "adv": 0.0}
+    case_heads = ("cls",)
+    dataset_keys_required = ("characterization",)
+    dataset_keys_used = ("phases", "characterization")
+
+
+class nnUNetTrainerMTINet_noWeightSharing(nnUNetTrainerMTINet):
+    """MTI-Net with one encoder per phase (the paper leaves the weight sharing open)."""
+
+    network_kwargs = {"share_encoder": False}
+
+
+# nnUNetTrainerMTINet_tiny, ..._demo, nnUNetTrainerMTINet_noTDD_short, ...: every trainer above on every
+# schedule of training.schedules.SCHEDULES
+register_schedule_variants(globals())
