@@ -86,6 +86,10 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     #: the network's constructor takes ``lesion_channel`` (the tumor's seg output, which its heads look at);
     #: the trainer sets it from dataset.json's labels through the plans
     network_takes_lesion_channel: bool = False
+    #: the network's constructor takes the plans' ``patch_size`` (to check its tokenisation at construction)
+    network_takes_patch_size: bool = False
+    #: gradient clipping norm of the update (nnU-Net's 12; transformers train with smaller ones)
+    grad_clip_norm: float = 12.0
     #: dataset.json keys the method reads when they are there
     dataset_keys_used: tuple = ("phases", "characterization")
 
@@ -154,6 +158,8 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         kwargs.update(cls.network_kwargs)
         if cls.network_takes_lesion_channel and "lesion_channel" in block:
             kwargs["lesion_channel"] = block["lesion_channel"]
+        if cls.network_takes_patch_size:
+            kwargs["patch_size"] = configuration_manager.patch_size
         kwargs.update(cls.method_network_kwargs(block, num_input_channels))
         # plans written before "case_heads" existed had a class head exactly when they had classes
         has_cls_head = "cls" in block.get("case_heads", ["cls"])
@@ -213,16 +219,16 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         return terms
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update: grad scaler on CUDA, gradient clipping at 12."""
+        """nnU-Net's update: grad scaler on CUDA, gradient clipping at ``grad_clip_norm``."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.optimizer.step()
 
     def on_train_epoch_start(self):

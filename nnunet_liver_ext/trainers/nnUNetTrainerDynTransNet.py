@@ -1,0 +1,169 @@
+"""DynTransNet trainers: ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerDynTransNet``.
+
+The network is ``nnunet_liver_ext.networks.dyntransnet.DynTransNet`` built from the plans (stages,
+strides, widths, kernels, norm / nonlin; the plans' patch size is checked against the tokenisation).
+It segments only: phases are input channels, there is no case-level head and no case loss, so the
+loss is nnU-Net's Dice+CE with its deep supervision. The shared trainer (``LiverMultiTaskTrainer``)
+still gives it the phase-synchronised intensity augmentation, validation and schedules.
+
+Ablations of the paper's Tables 2-3, each selectable with ``-tr``: ``_plainMSA`` (no dynamic bias),
+``_concatFusion`` / ``_sumFusion`` (FM-M replaced by concatenation / a weighted sum), ``_noRM``.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceLoss
+
+from nnunet_liver_ext.networks.dyntransnet import DynTransNet
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+from nnunet_liver_ext.training.optim import PolyLRPerGroup
+from nnunet_liver_ext.training.schedules import register_schedule_variants
+
+
+class nnUNetTrainerDynTransNet(LiverMultiTaskTrainer):
+    """DynTransNet: transformer encoder with dynamic attention (D-MSA), FM-M + RM decoder; segmentation only.
+
+    Optimiser: AdamW for the whole network in the way nnU-Net's Primus trainers train theirs (weight
+    decay 5e-2, betas (0.9, 0.98), gradient clipping at 1, linear warm-up, here over the first 5 % of
+    all iterations so that the short schedules keep one, then nnU-Net's polynomial decay per epoch),
+    with lr 1e-3 instead of Primus' 3e-4.
+
+    Why, measured (benchmarks/dyntransnet_optimizer_probe.py -> results/dyntransnet_optimizer_probe/
+    probe.json: CPU, one seed, phantom volumes 16 x 48 x 48, CPU-demo widths, Dice+CE, 80 steps of
+    batch 2, no augmentation but flips; held-out Dice on 4 unseen cases, liver = region {1, 2}):
+
+    =====================================  ==============  ===========  ===========
+    setting                                loss, last 10   liver Dice   tumor Dice
+    =====================================  ==============  ===========  ===========
+    stock U-Net, nnU-Net SGD (reference)   -0.05           0.11         0.00
+    DynTransNet, nnU-Net SGD               -0.20           0.60         0.00
+    DynTransNet, SGD + AdamW 1e-3 (hybrid) -0.25           0.64         0.02
+    DynTransNet, AdamW 3e-4 (Primus)        0.31           0.26         0.05
+    DynTransNet, AdamW 1e-3 (this trainer) -0.26           0.56         0.24
+    =====================================  ==============  ===========  ===========
+
+    nnU-Net's SGD does train DynTransNet (unlike STD-Net's attention heads), but only AdamW at 1e-3
+    started to find the tumors within the probe; Primus' 3e-4 was the slowest to start. 80 steps and
+    one seed: a direction, not a verdict. Against stock nnUNetTrainer on the demo schedule:
+    benchmarks/results/dyntransnet_vs_nnunet_cpu/demo/report.md.
+    """
+
+    network_class = DynTransNet
+    network_kwargs = {}
+    loss_weights = {"cls": 0.0, "curve": 0.0}
+    aux_loss_weights = {}
+    dataset_keys_used = ("phases",)
+    # segmentation only: no case-level head is built, nnunet-liver predict writes no CASE.json and the
+    # end-of-training validation has no characterization pass
+    case_heads = ()
+    # a plans patch the tokenisation cannot handle fails at construction, naming one that works
+    network_takes_patch_size = True
+    # no case head looks at the lesion, so the reference lesion mask is not built for the network
+    guide_heads_with_reference_lesion = False
+    #: AdamW (Primus' settings, a higher learning rate: see the docstring)
+    adamw_lr: float = 1e-3
+    adamw_weight_decay: float = 5e-2
+    adamw_betas = (0.9, 0.98)
+    grad_clip_norm: float = 1.0
+    #: linear warm-up over this fraction of all training iterations
+    warmup_fraction: float = 0.05
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.adamw_lr
+        self.weight_decay = self.adamw_weight_decay
+        self._iteration_in_epoch = 0
+        self._epoch_lrs = None
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                      betas=self.adamw_betas)
+        self.print_to_log_file(f"Optimizer: AdamW (lr {self.initial_lr}, weight decay {self.weight_decay}, betas "
+                               f"{self.adamw_betas}), warm-up over {self.warmup_iterations()} iterations, polynomial "
+                               f"decay, gradient clipping at {self.grad_clip_norm}")
+        return optimizer, PolyLRPerGroup(optimizer, self.num_epochs)
+
+    def warmup_iterations(self) -> int:
+        return int(round(self.warmup_fraction * self.num_epochs * self.num_iterations_per_epoch))
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # the scheduler sets this epoch's learning rates
+        self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._iteration_in_epoch = 0
+
+    def _apply_warmup(self) -> None:
+        step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+        self._iteration_in_epoch += 1
+        warmup = self.warmup_iterations()
+        if self._epoch_lrs is None or step > warmup:
+            return
+        factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        for group, lr in zip(self.optimizer.param_groups, self._epoch_lrs):
+            group["lr"] = lr * factor
+
+    def train_step(self, batch: dict) -> dict:
+        self._apply_warmup()
+        return super().train_step(batch)
+
+
+class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
+    """DynTransNet with the paper's training: Adam lr 1e-4 (constant), Dice loss only, 300 epochs.
+
+    The batch size stays the plans' (nnU-Net's 3d_fullres default is 2, the paper's batch)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 0.0
+        self.num_epochs = 300
+        self.grad_clip_norm = 12.0  # nnU-Net's clipping; the paper names none
+
+    def warmup_iterations(self) -> int:
+        return 0
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        self.print_to_log_file(f"Optimizer: Adam (lr {self.initial_lr}, constant), Dice loss only (the paper's)")
+        return optimizer, _ConstantLR(optimizer)
+
+    def _build_loss(self):
+        # Dice only: nnU-Net's own Dice-loss trainer's loss (soft Dice, its deep supervision weights)
+        return nnUNetTrainerDiceLoss._build_loss(self)
+
+
+class _ConstantLR:
+    """A scheduler that leaves the learning rate where the optimizer started (stepped like nnU-Net's)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self, current_step=None):
+        pass
+
+
+class nnUNetTrainerDynTransNet_plainMSA(nnUNetTrainerDynTransNet):
+    """DynTransNet ablation (Table 3): plain multi-head self-attention instead of D-MSA (no dynamic bias)."""
+
+    network_kwargs = {"dynamic_bias": False}
+
+
+class nnUNetTrainerDynTransNet_concatFusion(nnUNetTrainerDynTransNet):
+    """DynTransNet ablation (Table 2): FM-M replaced by concatenation and a 1x1 convolution."""
+
+    network_kwargs = {"fusion": "concat"}
+
+
+class nnUNetTrainerDynTransNet_sumFusion(nnUNetTrainerDynTransNet):
+    """DynTransNet ablation (Table 2): FM-M replaced by a learned weighted sum."""
+
+    network_kwargs = {"fusion": "sum"}
+
+
+class nnUNetTrainerDynTransNet_noRM(nnUNetTrainerDynTransNet):
+    """DynTransNet ablation (Table 3): no residual module (RM) in the decoder."""
+
+    network_kwargs = {"residual_module": False}
+
+
+# nnUNetTrainerDynTransNet_5epochs, ..._tiny, nnUNetTrainerDynTransNet_noRM_short, ...: every trainer above on
+# every schedule of training.schedules.SCHEDULES
+register_schedule_variants(globals())

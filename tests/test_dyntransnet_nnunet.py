@@ -1,0 +1,94 @@
+"""DynTransNet end to end through stock nnU-Net's console scripts, on tiny phantom cases, on the CPU.
+
+nnUNetv2_plan_and_preprocess -> nnunet-liver plan (CPU-demo plans) -> nnUNetv2_train -tr
+nnUNetTrainerDynTransNet_tiny -> nnUNetv2_predict and nnunet-liver predict (segmentations only, no
+CASE.json: DynTransNet has no case head); then the checkpoint is rebuilt and reloaded the way nnU-Net's
+predictor does it.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_liver_ext.paths import TRAINERS_DIR
+from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train, write_tiny_phantom_dataset
+
+DATASET_ID = 920
+PLANS = "nnUNetPlans_CPUDemo"
+TRAINER = "nnUNetTrainerDynTransNet_tiny"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "DynTransNetE2E", n_train=5, n_test=1, seed=4)
+    plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
+    log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
+    model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
+    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
+
+
+def test_training_writes_checkpoint_and_validation_without_case_outputs(workspace):
+    fold = workspace["model"] / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    splits = json.loads((workspace["root"] / "pre" / workspace["dataset"].name / "splits_final.json").read_text())
+    for case in splits[0]["val"]:
+        assert (fold / "validation" / f"{case}.nii.gz").is_file()
+        assert not (fold / "validation" / f"{case}.json").exists()
+    assert (fold / "validation" / "summary.json").is_file()
+    assert not (fold / "validation" / "characterization.csv").exists()
+    log = workspace["train_log"]
+    assert "Optimizer: AdamW (lr 0.001" in log and "gradient clipping at 1.0" in log
+    plans = json.loads((workspace["model"] / "plans.json").read_text())
+    assert plans["nnunet_liver_ext"]["case_heads"] == []
+
+
+def _assert_same_geometry(prediction: Path, reference: Path):
+    pred, ref = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(reference))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("command", ["nnUNetv2_predict", "nnunet-liver"])
+def test_prediction_with_stock_and_package_predictor(workspace, command):
+    images = workspace["dataset"] / "imagesTs"
+    out = workspace["root"] / f"pred_{command}"
+    args = ["-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS,
+            "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    assert cases
+    for case in cases:
+        _assert_same_geometry(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz")
+        assert not (out / f"{case}.json").exists()
+    assert not (out / "characterization.csv").exists()
+
+
+def test_checkpoint_rebuilds_and_reloads(workspace):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    os.environ.setdefault("nnUNet_extTrainer", str(TRAINERS_DIR))
+    model = workspace["model"]
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    weights = checkpoint["network_weights"]
+    assert any(".attn.delta." in k for k in weights) and any(k.startswith("decoder.fusions.") for k in weights)
+    assert not any("cls_head" in k for k in weights)
+    plans = PlansManager(json.loads((model / "plans.json").read_text()))
+    configuration = plans.get_configuration("3d_fullres")
+    trainer_class = recursive_find_trainer_class_by_name(TRAINER)
+    network = trainer_class.build_network_architecture(plans, configuration, 3, 3, enable_deep_supervision=False)
+    network.load_state_dict(weights, strict=True)
+    assert tuple(network.features) == tuple(configuration.network_arch_init_kwargs["features_per_stage"])
+    with torch.no_grad():
+        out = network.eval()(torch.zeros(1, 3, *configuration.patch_size))
+    assert out.shape == (1, 3, *configuration.patch_size)
