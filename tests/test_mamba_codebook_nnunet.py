@@ -1,0 +1,98 @@
+"""The Mamba-codebook U-Net end to end through stock nnU-Net's console scripts, on tiny phantom cases, on
+the CPU.
+
+nnUNetv2_plan_and_preprocess -> nnunet-liver plan (CPU-demo plans) -> nnUNetv2_train -tr
+nnUNetTrainerMambaCodebook_tiny -> nnUNetv2_predict and nnunet-liver predict; then the checkpoint is
+rebuilt and reloaded the way nnU-Net's predictor does it.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_liver_ext.paths import TRAINERS_DIR
+from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train, write_tiny_phantom_dataset
+
+DATASET_ID = 930
+PLANS = "nnUNetPlans_CPUDemo"
+TRAINER = "nnUNetTrainerMambaCodebook_tiny"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "MambaCodebookE2E", n_train=6, n_test=2, seed=5)
+    plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
+    log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
+    model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
+    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
+
+
+def test_training_logs_losses_backend_and_codebook_usage(workspace):
+    fold = workspace["model"] / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    log = workspace["train_log"]
+    assert "Inclusion loss: on, weight 0.6, liver / tumor output channels (1, 2)" in log
+    assert "GFR Mamba2 block backend: torch (chunked SSD in PyTorch; CPU input)" in log
+    terms = next(line for line in log.splitlines() if "train terms (weighted):" in line)
+    assert "vq_loss" in terms and "inc_loss" in terms and "cls_loss" not in terms
+    usage = next(line for line in log.splitlines() if "codebook usage: perplexity" in line)
+    assert "of 64 codes" in usage
+    assert "AdamW" in log and "'gfr.', 'codebook.'" in log
+    splits = json.loads((workspace["root"] / "pre" / workspace["dataset"].name / "splits_final.json").read_text())
+    for case in splits[0]["val"]:
+        assert (fold / "validation" / f"{case}.nii.gz").is_file()
+        assert not (fold / "validation" / f"{case}.json").exists()  # segmentation only
+
+
+def _assert_same_geometry(prediction: Path, reference: Path):
+    pred, ref = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(reference))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("command", ["nnUNetv2_predict", "nnunet-liver"])
+def test_prediction_with_stock_and_package_predictor(workspace, command):
+    images = workspace["dataset"] / "imagesTs"
+    out = workspace["root"] / f"pred_{command}"
+    args = ["-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS,
+            "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    assert cases
+    for case in cases:
+        _assert_same_geometry(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz")
+        assert not (out / f"{case}.json").exists()
+
+
+def test_checkpoint_rebuilds_and_reloads(workspace):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    os.environ.setdefault("nnUNet_extTrainer", str(TRAINERS_DIR))
+    model = workspace["model"]
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    weights = checkpoint["network_weights"]
+    for key in ("codebook.codes", "codebook.initialized", "gfr.mixer.A_log", "gfr.mixer.in_proj.weight",
+                "mce.0.fuse.0.weight"):
+        assert key in weights, key
+    assert bool(weights["codebook.initialized"])
+    plans = PlansManager(json.loads((model / "plans.json").read_text()))
+    assert plans.plans["nnunet_liver_ext"]["case_heads"] == []
+    trainer_class = recursive_find_trainer_class_by_name(TRAINER)
+    network = trainer_class.build_network_architecture(plans, plans.get_configuration("3d_fullres"), 3, 3,
+                                                       enable_deep_supervision=False)
+    network.load_state_dict(weights, strict=True)
+    patch = plans.get_configuration("3d_fullres").patch_size
+    with torch.no_grad():
+        out = network.eval()(torch.zeros(1, 3, *patch))
+    assert out.shape == (1, 3, *patch)
