@@ -20,12 +20,18 @@ def main(folder: str, label: str = "held-out") -> None:
     print(f"Dice liver (region {{1,2}}): {mean('liver_region_dice'):.3f}")
     print(f"Dice tumor (label 2):       {mean('tumor_dice'):.3f}")
     summary = json.load(open(f"{folder}/summary.json")).get("characterization", {})
+    true_classes = [r["true_class"] for r in rows if r.get("true_class")]
     for result in summary.values():
         pooled = result.get("pooled", {})
-        print(f"characterization ({pooled.get('n_cases')} cases, classes {pooled.get('classes')}): "
-              f"accuracy {pooled.get('accuracy', float('nan')):.3f}, "
-              f"balanced accuracy {pooled.get('balanced_accuracy', float('nan')):.3f}, "
-              f"AUC one-vs-rest {pooled.get('auc_ovr_macro', float('nan')):.3f}")
+        classes = pooled.get("classes") or []
+        # chance: always answering the commonest class of these cases; AUC 0.5; balanced accuracy 1/K
+        majority = max(true_classes.count(c) for c in set(true_classes)) / len(true_classes) if true_classes else 0
+        print(f"characterization ({pooled.get('n_cases')} cases, classes {classes}):")
+        print(f"  accuracy          {pooled.get('accuracy', float('nan')):.3f}   (chance: {majority:.3f}, the commonest "
+              f"class every time)")
+        print(f"  balanced accuracy {pooled.get('balanced_accuracy', float('nan')):.3f}   (chance: "
+              f"{1 / max(len(classes), 1):.3f})")
+        print(f"  AUC one-vs-rest   {pooled.get('auc_ovr_macro', float('nan')):.3f}   (chance: 0.500)")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def test_nnunet_raw_layout_and_dataset_json(tmp_path, ct_cases):
 
     targets = json.loads((root / "test_targets.json").read_text())
     assert set(targets["characterization"]["cases"]) == {c.case_id for c in test if c.case_class}
+    # nnunet-liver evaluate takes it as the held-out cases' dataset.json
+    assert targets["labels"] == dataset["labels"] and targets["file_ending"] == ".nii.gz"
     for case, folder, lfolder in ((train[1], "imagesTr", "labelsTr"), (test[0], "imagesTs", "labelsTs")):
         for k in range(4):
             image = _read(root / folder / f"{case.case_id}_{k:04d}.nii.gz")

@@ -14,7 +14,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
-from nnunet_liver_ext.training.schedules import SCHEDULES, register_schedule_variants
+from nnunet_liver_ext.training.schedules import SCHEDULE_SETTINGS, SCHEDULES, register_schedule_variants
 
 from test_characterization_predictor import _trainer_plans
 
@@ -72,6 +72,8 @@ def test_a_derived_variant_is_its_trainer_with_the_schedule_applied(name, capsys
     epochs, iterations, val_iterations = SCHEDULES[trainer_class.schedule_name]
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == \
         (epochs, iterations, val_iterations)
+    for attribute, value in SCHEDULE_SETTINGS.get(trainer_class.schedule_name, {}).items():
+        assert getattr(trainer, attribute) == value
     # nnU-Net records the constructor arguments for checkpoints and DDP restarts
     assert set(trainer.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
     base = trainer_class.schedule_base

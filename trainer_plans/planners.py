@@ -13,8 +13,15 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 
 class nnUNetPlannerCPUDemo(ExperimentPlanner):
     """nnU-Net's default planning with a network sized for a 2-core CPU: 8 base features (max 64 in
-    3d, 128 in 2d) and one convolution per stage, so the demo and the end-to-end tests train in
-    minutes. Spacing, patch size and normalisation are still nnU-Net's own decisions."""
+    3d, 128 in 2d), one convolution per stage, and at most ``max_batch_size[dim]`` samples per batch,
+    so the demo and the end-to-end tests train in minutes. Spacing, patch size and normalisation are
+    still nnU-Net's own decisions.
+
+    Why the batch cap: nnU-Net sizes the batch to fill a GPU's memory (64 slices of 80x80 for the
+    demo's 2d configuration). On a CPU time grows with the batch while memory is no limit, and many
+    small steps learn faster per second than few large ones (README, "On a CPU")."""
+
+    max_batch_size = {2: 12, 3: 2}
 
     def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetPlans_CPUDemo",
@@ -27,6 +34,13 @@ class nnUNetPlannerCPUDemo(ExperimentPlanner):
         self.UNet_max_features_2d = 128
         self.UNet_blocks_per_stage_encoder = (1,) * 14
         self.UNet_blocks_per_stage_decoder = (1,) * 13
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
+                                    approximate_n_voxels_dataset: float, _cache: dict) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset, _cache)
+        plan["batch_size"] = min(plan["batch_size"], self.max_batch_size[len(plan["patch_size"])])
+        return plan
 
 
 PRESETS = {

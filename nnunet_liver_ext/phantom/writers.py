@@ -177,7 +177,8 @@ def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Sequence
         dataset["phantom"] = _provenance(train_cases)
         (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
         if test_cases:
-            targets = _targets(test_cases, classes)
+            # everything `nnunet-liver evaluate --dataset-json` needs for the held-out cases
+            targets = {"labels": dict(LABELS), "file_ending": ".nii.gz", **_targets(test_cases, classes)}
             targets["phases"] = list(reference.phases)
             targets["phantom"] = _provenance(test_cases)
             (tmp / "test_targets.json").write_text(json.dumps(targets, indent=2))
