@@ -9,6 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # where the README's copy of the commands puts the demo's work folder
 README_WORK = "demo_work"
+# a command of ours or nnU-Net's, possibly behind VAR=value settings for it alone
+COMMAND = re.compile(r"\s*(\w+=\S+\s+)*(nnunet-liver|nnUNetv2_)")
 
 
 def _logical_lines(text: str):
@@ -39,8 +41,7 @@ def _demo_commands() -> list:
             text = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
         return text
 
-    return [expand(_command(line)) for line in _logical_lines(script)
-            if re.match(r"\s*(nnunet-liver|nnUNetv2_)", line)]
+    return [expand(_command(line)) for line in _logical_lines(script) if COMMAND.match(line)]
 
 
 def _readme_commands() -> list:
@@ -54,7 +55,7 @@ def _readme_commands() -> list:
 def test_readme_cpu_section_is_the_demo_command_sequence():
     demo, readme = _demo_commands(), _readme_commands()
     assert len(demo) >= 5
-    missing_from_demo = [c for c in readme if c.startswith(("nnunet-liver", "nnUNetv2_")) and c not in demo]
+    missing_from_demo = [c for c in readme if COMMAND.match(c) and c not in demo]
     assert not missing_from_demo, f"README 'On a CPU' commands the demo does not run: {missing_from_demo}\n{demo}"
     missing_from_readme = [c for c in demo if c not in readme]
     assert not missing_from_readme, f"demo commands missing from README 'On a CPU': {missing_from_readme}"
