@@ -35,7 +35,7 @@ step() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
 
 step "1/6 phantom: $n_train training + $n_test held-out cases, 3 CT phases, $shape voxels, lesions 15-35 mm at twice the default contrast"
 nnunet-liver phantom nnunet-raw -d $id --name LiverPhantomDemo -n $n_train --test $n_test --shape $shape \
-  --lesions 1 2 --lesion-size 15 35 --contrast 2 --low-contrast-fraction 0 --noise 8 --seed 1 --no-progress
+  --lesions 1 3 --lesion-size 15 35 --contrast 2 --low-contrast-fraction 0 --noise 8 --seed 1 --no-progress
 dataset="$nnUNet_raw/Dataset${id}_LiverPhantomDemo"
 
 step "2/6 nnUNetv2_extract_fingerprint (and nnU-Net's dataset integrity check)"
