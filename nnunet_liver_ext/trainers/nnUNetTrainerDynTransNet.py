@@ -127,7 +127,14 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
 
     def _build_loss(self):
         # Dice only: nnU-Net's own Dice-loss trainer's loss (soft Dice, its deep supervision weights)
-        return nnUNetTrainerDiceLoss._build_loss(self)
+        loss = nnUNetTrainerDiceLoss._build_loss(self)
+        if self.enable_deep_supervision and self.is_ddp and not self._do_i_compile():
+            # that trainer gives the coarsest output weight 0 even under DDP, so its parameters get no gradient
+            # and DDP fails on the second step; nnUNetTrainer._build_loss keeps 1e-6 there for this reason
+            weights = [1 / 2 ** i for i in range(len(loss.weight_factors))]
+            weights[-1] = 1e-6
+            loss.weight_factors = tuple(w / sum(weights) for w in weights)
+        return loss
 
 
 class _ConstantLR:
