@@ -44,3 +44,32 @@ def write_tiny_phantom_dataset(root: Path, dataset_id: int, name: str, n_train: 
                            p_no_lesion=0.0)
     cases = generate_cases(n_train + n_test, config, seed=seed, progress=False)
     return write_nnunet_raw(root / "raw", dataset_id, name, cases[:n_train], cases[n_train:])
+
+
+def assert_same_geometry(prediction: Path, reference: Path, labels=(0, 1, 2)) -> None:
+    """A written segmentation lies on its input image's grid and holds only known labels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    pred, ref = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(reference))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= set(labels)
+
+
+def predict_held_out(command: str, workspace: dict, dataset_id: int, trainer: str, plans: str):
+    """``nnUNetv2_predict`` or ``nnunet-liver predict`` (same options) on the dataset's imagesTs with
+    fold 0 on the CPU; every segmentation is checked against its input's geometry. Returns the output
+    folder and the case ids."""
+    images = workspace["dataset"] / "imagesTs"
+    out = workspace["root"] / f"pred_{command}"
+    args = ["-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-p", plans,
+            "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    assert cases
+    for case in cases:
+        assert_same_geometry(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz")
+    return out, cases
