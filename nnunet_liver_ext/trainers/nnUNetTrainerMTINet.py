@@ -149,12 +149,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
 
     # ------------------------------------------------------------------ the step
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        keys = [str(k) for k in batch["keys"]]
-        tumor = (target[0] if isinstance(target, list) else target) == self.tumor_label
+        data, target, keys, tumor = self.unpack_batch(batch)
         lesion_mask = tumor.float() if self.guide_heads_with_reference_lesion else None
         discriminator = unwrap_network(self.network).discriminator
 
@@ -173,7 +168,6 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
                 terms["adv"] = self.loss_weights["adv"] * _masked_bce(
                     discriminator(pairs["fake_curve"], pairs["fake_probs"]), True, pairs["mask"])
             loss = self.loss_weights.get("seg", 1.0) * seg_loss + sum(terms.values())
-        self._last_keys = keys
         self.check_finite_losses({"seg": seg_loss, **terms})
         self._generator_update(loss, discriminator)
         self.iteration_in_epoch = getattr(self, "iteration_in_epoch", 0) + 1

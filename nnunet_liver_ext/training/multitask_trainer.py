@@ -247,18 +247,22 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
                 f"{getattr(self, 'iteration_in_epoch', 0)} (cases {getattr(self, '_last_keys', '?')}); stopped before "
                 f"the weights were updated")
 
-    def train_step(self, batch: dict) -> dict:
+    def unpack_batch(self, batch: dict):
+        """(data, target, keys, tumor) of an nnU-Net batch on the trainer's device: target as nnU-Net gives it
+        (the deep-supervision list or one tensor), keys the case ids, tumor the full-resolution reference
+        tumor mask ``(B, 1, *S)`` bool. Method trainers with their own train_step start here too."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         keys = [str(k) for k in batch["keys"]]
         self._last_keys = keys
+        tumor = (target[0] if isinstance(target, list) else target) == self.tumor_label
+        return data, target, keys, tumor
 
-        lesion_mask = None
-        if self.guide_heads_with_reference_lesion:
-            full_res_target = target[0] if isinstance(target, list) else target
-            lesion_mask = (full_res_target == self.tumor_label).float()
+    def train_step(self, batch: dict) -> dict:
+        data, target, keys, tumor = self.unpack_batch(batch)
+        lesion_mask = tumor.float() if self.guide_heads_with_reference_lesion else None
 
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
