@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nnunet_liver_ext.losses.case_losses import masked_l1
+from nnunet_liver_ext.losses.case_losses import masked_bce_with_logits, masked_l1
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.networks.mti_net import MTINet, masked_phase_means
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
@@ -46,15 +46,6 @@ from nnunet_liver_ext.training.plans import liver_ext_block
 from nnunet_liver_ext.training.schedules import register_schedule_variants
 
 DISCRIMINATOR_PREFIX = "discriminator."
-
-
-def _masked_bce(logits: torch.Tensor, real: bool, mask: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits against all-real or all-fake over the masked samples; a graph-connected zero
-    (every parameter behind ``logits`` still gets a gradient, as DDP requires) when none is kept."""
-    if not mask.any():
-        return logits.float().sum() * 0.0
-    kept = logits[mask].float()
-    return F.binary_cross_entropy_with_logits(kept, torch.full_like(kept, 1.0 if real else 0.0))
 
 
 class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
@@ -165,7 +156,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
                 pairs = self.adversarial_pairs(output, keys, tumor)
                 # the generator wants its pairs judged real; the discriminator's own gradients from this
                 # term are computed (DDP expects every parameter in this backward) and then dropped
-                terms["adv"] = self.loss_weights["adv"] * _masked_bce(
+                terms["adv"] = self.loss_weights["adv"] * masked_bce_with_logits(
                     discriminator(pairs["fake_curve"], pairs["fake_probs"]), True, pairs["mask"])
             loss = self.loss_weights.get("seg", 1.0) * seg_loss + sum(terms.values())
         self.check_finite_losses({"seg": seg_loss, **terms})
@@ -206,7 +197,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         mask = pairs["mask"]
         d_real = discriminator(pairs["real_curve"], pairs["real_probs"])
         d_fake = discriminator(pairs["fake_curve"].detach(), pairs["fake_probs"].detach())
-        loss = 0.5 * (_masked_bce(d_real, True, mask) + _masked_bce(d_fake, False, mask))
+        loss = 0.5 * (masked_bce_with_logits(d_real, True, mask) + masked_bce_with_logits(d_fake, False, mask))
         loss.backward()
         kept = mask.sum().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

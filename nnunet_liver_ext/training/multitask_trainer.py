@@ -198,7 +198,8 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         """Weighted case-level loss terms of one batch (already multiplied by their weights).
 
         The classification term only counts samples whose patch contains tumor voxels and whose case
-        has a label; with none in the batch it is a graph-connected zero. Averaged per rank (DDP).
+        has a label; with none in the batch it is a graph-connected zero. Under DDP each term is the mean over
+        every rank's qualifying samples (``losses/case_losses.py``).
         """
         terms: Dict[str, torch.Tensor] = {}
         full_res_target = target[0] if isinstance(target, (list, tuple)) else target
