@@ -6,6 +6,7 @@ nnU-Net), then scored by ``nnunet-liver evaluate``: tumor Dice (label 2), curve 
 units), class accuracy and AUC.
 
     python benchmarks/mti_net_vs_stdnet_cpu.py [--schedule demo] [--train-cases 16] [--test-cases 8]
+                                               [--configuration 2d]   # the MTI-Net paper's 2D setting
     python benchmarks/mti_net_vs_stdnet_cpu.py --tiny      # a smoke run of the whole pipeline
 
 Work folder: ``demo_work_mti_benchmark/`` (git-ignored as ``demo_work_*/``; ``--work``); results:
@@ -95,7 +96,8 @@ def _fmt(value, digits=3) -> str:
 
 def _markdown(results: dict, meta: dict) -> str:
     phases = meta["phases"]
-    lines = [f"# MTI-Net vs STD-Net vs nnU-Net, CPU, schedule `{meta['schedule']}`", "",
+    lines = [f"# MTI-Net vs STD-Net vs nnU-Net, CPU, `{meta.get('configuration', '3d_fullres')}`, schedule "
+             f"`{meta['schedule']}`", "",
              f"Phantom 4-phase dynamic MRI ({meta['train_cases']} training cases, fold 0 of nnU-Net's 5-fold split; "
              f"{meta['test_cases']} held-out cases), classes {meta['classes']}, grid {meta['shape']} (z, y, x), "
              f"plans `{PLANS}`, {meta['cpu_count']} CPU cores. Wall time {meta['wall_s']:.0f} s in all.", "",
@@ -123,6 +125,8 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[16, 48, 48], metavar=("Z", "Y", "X"))
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dataset-id", type=int, default=941)
+    p.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"],
+                   help="nnU-Net configuration for every method (2d: the MTI-Net paper's slices; faster on a CPU)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--work", default=str(REPO / "demo_work_mti_benchmark"))
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "mti_net_vs_stdnet_cpu"))
@@ -132,7 +136,7 @@ def main() -> None:
     if args.tiny:
         args.schedule, args.train_cases, args.test_cases, args.dataset_id = "tiny", 6, 2, 942
         args.shape = [12, 48, 48]
-    name = args.name or args.schedule
+    name = args.name or args.schedule + ("" if args.configuration == "3d_fullres" else f"_{args.configuration}")
     root = Path(args.work) / name
     out = Path(args.results) / name
     shutil.rmtree(root, ignore_errors=True)
@@ -148,30 +152,32 @@ def main() -> None:
     # one fingerprint and one set of plans for every method
     _run(["nnUNetv2_plan_and_preprocess", "-d", did, "-np", "1", "-npfp", "1", "--no_pp",
           "--verify_dataset_integrity"], env, log)
-    _run(["nnunet-liver", "plan", "-d", did, "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, log)
+    _run(["nnunet-liver", "plan", "-d", did, "--preset", "cpu-demo", "--preprocess", "-c", args.configuration,
+          "-np", "1"], env, log)
     targets = _evaluation_targets(dataset, root / "evaluation_targets.json")
     results = {}
     for method in args.methods:
         trainer = f"{METHODS[method]}_{args.schedule}"
-        print(f"[{time.time() - t0:.0f} s] {method}: nnUNetv2_train {did} 3d_fullres 0 -tr {trainer}", flush=True)
+        print(f"[{time.time() - t0:.0f} s] {method}: nnUNetv2_train {did} {args.configuration} 0 -tr {trainer}",
+              flush=True)
         # nnUNet_n_proc_DA=0: in-process data loading (no pool of torch-importing workers on 2 cores)
-        train_s = _run(["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"],
+        train_s = _run(["nnUNetv2_train", did, args.configuration, "0", "-tr", trainer, "-p", PLANS, "-device", "cpu"],
                        env, log, nnUNet_n_proc_DA="0")
         prediction = root / f"pred_{method}"
         predict = ["nnUNetv2_predict"] if method == "nnU-Net" else ["nnunet-liver", "predict"]
-        _run([*predict, "-i", dataset / "imagesTs", "-o", prediction, "-d", did, "-c", "3d_fullres", "-p", PLANS,
+        _run([*predict, "-i", dataset / "imagesTs", "-o", prediction, "-d", did, "-c", args.configuration, "-p", PLANS,
               "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env, log)
         evaluation = root / f"evaluation_{method}"
         _run(["nnunet-liver", "evaluate", prediction, dataset / "labelsTs", "-o", evaluation, "--dataset-json",
               targets, "-np", "1", "--quiet", "--no-plots"], env, log)
         results[method] = {"trainer": trainer, "train_s": train_s, **_score(evaluation)}
-        model = root / "res" / dataset.name / f"{trainer}__{PLANS}__3d_fullres"
+        model = root / "res" / dataset.name / f"{trainer}__{PLANS}__{args.configuration}"
         (out / f"training_{method}.txt").write_text("\n".join(_loss_lines(model)) + "\n")
         shutil.copy(evaluation / "per_case_metrics.csv", out / f"per_case_metrics_{method}.csv")
         print(f"[{time.time() - t0:.0f} s] {method}: {json.dumps({k: v for k, v in results[method].items()})}",
               flush=True)
     dataset_json = json.loads((dataset / "dataset.json").read_text())
-    meta = {"schedule": args.schedule, "train_cases": args.train_cases, "test_cases": args.test_cases,
+    meta = {"schedule": args.schedule, "configuration": args.configuration, "train_cases": args.train_cases, "test_cases": args.test_cases,
             "shape": args.shape, "seed": args.seed, "classes": dataset_json["characterization"]["classes"],
             "phases": dataset_json["phases"], "cpu_count": os.cpu_count(), "wall_s": time.time() - t0,
             "command": " ".join(sys.argv)}
