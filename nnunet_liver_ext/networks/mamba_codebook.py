@@ -44,6 +44,7 @@ from torch.nn.modules.conv import _ConvNd
 from nnunet_liver_ext.networks.blocks import build_encoder, encoder_skip_sizes, numel, spatial_dims
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.ssd import Mamba2SSD, autocast_off
+from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
 GFR_KINDS = ("mamba", "mhsa", None)
 GFR_SCANS = ("volume", "columns")
@@ -361,6 +362,11 @@ class MambaCodebookUNet(nn.Module):
     whose ``aux_losses`` holds ``"vq"`` when the codebook is on. ``lesion_mask`` is accepted (the
     network contract) and unused: this method has no case-level head.
     """
+
+    #: ``-pretrained_weights`` (networks.transfer): encoder and decoder from a stock nnU-Net model of the same
+    #: plans; MCE, codebook and GFR keep their initialisation (the method has no case-level head)
+    transfer_skip_prefixes = ()
+    load_pretrained_state = load_pretrained_state
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  num_case_classes: int = 0, stage_features: Optional[Sequence[int]] = None, use_mce: bool = True,

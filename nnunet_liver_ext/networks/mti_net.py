@@ -48,6 +48,7 @@ from torch.nn.modules.conv import _ConvNd
 from nnunet_liver_ext.networks.blocks import (AttentionPool, build_encoder, encoder_skip_sizes, lesion_log_prior,
                                               lesion_probability, numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
+from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
 MDIEF_MODES = ("full", "none", "no_spectral", "no_spatial")
 
@@ -226,6 +227,10 @@ class MTINet(nn.Module):
     (standardised units) and ``cls_logits`` ``(B, K)`` where built. ``lesion_mask`` ``(B, 1, *S)``
     replaces the network's own lesion probability in the token pooling (training: the reference).
     """
+
+    #: ``-pretrained_weights`` (networks.transfer): heads and discriminator never take another model's weights
+    transfer_skip_prefixes = ("cls_head.", "curve_head.", "discriminator.")
+    load_pretrained_state = load_pretrained_state
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  num_case_classes: int = 0, curve_head: bool = True, discriminator: bool = True,

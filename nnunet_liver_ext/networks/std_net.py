@@ -37,6 +37,7 @@ from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusio
                                               encoder_skip_sizes, lesion_log_prior, lesion_probability, mlp_head,
                                               numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
+from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
 TEMPORAL_MODELERS = ("transformer", "hybrid", "convgru", "mean")
 FUSIONS = ("decoupled", "early")
@@ -186,6 +187,10 @@ class STDNet(nn.Module):
     ``lesion_mask`` (B, 1, *S), when given, replaces the network's own lesion probability in the
     pooling of the characterization path (the trainer passes the reference lesion mask).
     """
+
+    #: ``-pretrained_weights`` (networks.transfer): the class head never takes another model's weights
+    transfer_skip_prefixes = ("cls_head.",)
+    load_pretrained_state = load_pretrained_state
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  num_case_classes: int = 0, channels_per_phase: int = 1, temporal: str = "transformer",

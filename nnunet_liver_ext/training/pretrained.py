@@ -1,0 +1,72 @@
+"""``nnUNetv2_train DATASET CONFIG FOLD -tr <our trainer> -pretrained_weights FILE`` for this package's networks.
+
+nnU-Net 2.8's ``run_training.maybe_load_checkpoint`` hands ``-pretrained_weights`` to
+``load_pretrained_weights(network, fname)``, a name ``nnunetv2.run.run_training`` imports from
+``nnunetv2.run.load_pretrained_weights``. That loader demands every non-segmentation key of the network
+in the source with the same shape, which a multiphase network never meets against a single-phase
+model (``networks.transfer`` explains why and gives the rule we use instead).
+
+Why a rebinding: nnU-Net offers no hook for it. ``maybe_load_checkpoint`` is a module function that
+receives the network and the file name only, so neither a trainer method nor the network's
+``load_state_dict`` sees the call with its file. :func:`install` (run when
+``training.multitask_trainer``, the base of every method trainer, is imported, which
+``nnUNetv2_train`` does while it looks the trainer up, before it loads any weights) rebinds
+``nnunetv2.run.run_training.load_pretrained_weights`` to :func:`load_pretrained_weights`. No file of
+nnU-Net changes, and nnU-Net's behaviour does not either except for networks that ask for it:
+
+- a network with a ``load_pretrained_state`` method (STD-Net, MTI-Net, the Mamba-codebook U-Net) gets
+  it, and the report of loaded, adapted and skipped keys is printed;
+- any other network (stock nnU-Net's, DynTransNet's) goes to nnU-Net's own function, unchanged.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from nnunet_liver_ext.errors import UserError
+from nnunet_liver_ext.networks.contract import unwrap_network
+from nnunet_liver_ext.networks.transfer import TransferReport
+
+
+def read_network_weights(fname: str) -> dict:
+    """The network state dict of ``fname``: an nnU-Net checkpoint's ``network_weights``, or a plain state dict
+    (tensor values). A UserError naming the file otherwise."""
+    if not os.path.isfile(fname):
+        raise UserError(f"-pretrained_weights {fname}: no such file",
+                        "give the checkpoint_final.pth of the pretraining run (nnUNet_results/.../fold_X/)")
+    try:
+        saved = torch.load(fname, map_location="cpu", weights_only=False)
+    except Exception as e:  # a file torch cannot read, whatever the reason, is the user's input
+        raise UserError(f"-pretrained_weights {fname}: torch cannot read it ({type(e).__name__}: {e})") from e
+    if isinstance(saved, dict) and isinstance(saved.get("network_weights"), dict):
+        return saved["network_weights"]
+    if isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        return saved
+    what = f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict) else type(saved).__name__
+    raise UserError(f"-pretrained_weights {fname}: neither an nnU-Net checkpoint (no 'network_weights') nor a "
+                    f"state dict; it holds {what}")
+
+
+def load_pretrained_weights(network, fname: str, verbose: bool = False):
+    """Drop-in for ``nnunetv2.run.load_pretrained_weights.load_pretrained_weights`` (same arguments).
+
+    Networks with ``load_pretrained_state`` take the weights under ``networks.transfer``'s rule; the report
+    is printed (rank 0 under DDP) and returned. Any other network: nnU-Net's function, its result returned."""
+    module = unwrap_network(network)
+    if not callable(getattr(module, "load_pretrained_state", None)):
+        from nnunetv2.run import load_pretrained_weights as nnunet_loader
+
+        return nnunet_loader.load_pretrained_weights(network, fname, verbose=verbose)
+    report: TransferReport = module.load_pretrained_state(read_network_weights(fname), source=str(fname))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(report.format(), flush=True)
+    return report
+
+
+def install() -> None:
+    """Routes ``nnUNetv2_train -pretrained_weights`` through :func:`load_pretrained_weights` (idempotent)."""
+    import nnunetv2.run.run_training as run_training
+
+    run_training.load_pretrained_weights = load_pretrained_weights
