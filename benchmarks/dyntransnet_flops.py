@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_liver_ext.networks.dyntransnet import DynTransNet
+from perf_common import forward_flops  # benchmarks/ (this script's folder) is on sys.path
 
 OUT = Path(__file__).resolve().parent / "results" / "dyntransnet_flops"
 IN_CHANNELS, CLASSES = 3, 3
@@ -66,20 +66,16 @@ NETWORKS = {
 
 def count(build, kwargs: dict, patch, device: str) -> dict:
     with torch.device(device):
-        net = build(kwargs, patch).eval()
-        x = torch.zeros(1, IN_CHANNELS, *patch)
-    counter = FlopCounterMode(display=False, depth=3)
-    with torch.no_grad(), counter:
-        net(x)
+        net = build(kwargs, patch)
+    total, counts = forward_flops(net, (1, IN_CHANNELS, *patch), device, depth=3)
     # FLOPs per top-level part of the network; a ModuleList (never called itself) as the sum of its members
-    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
     by_module = {}
     for name, flops in counts.items():
         parts = name.split(".")
         if len(parts) == 2 or (len(parts) == 3 and ".".join(parts[:2]) not in counts):
             by_module[parts[1]] = by_module.get(parts[1], 0) + flops
     return {"parameters": int(sum(p.numel() for p in net.parameters())),
-            "forward_flops": int(counter.get_total_flops()),
+            "forward_flops": total,
             "flops_by_top_module": by_module,
             "feature_map_elements": int(net.compute_conv_feature_map_size(patch))}
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from perf_common import timed_train_steps  # benchmarks/ (this script's folder) is on sys.path
+
 DATASET_ID = 950
 DATASET_NAME = f"Dataset{DATASET_ID}_PhantomGPU"
 TRAINERS = ("nnUNetTrainer_short", "nnUNetTrainerSTDNet_short")
@@ -54,19 +56,7 @@ def _timed_steps(trainer, iterations: int, warmup: int) -> dict:
     keys = list(trainer.dataset_json.get("characterization", {}).get("cases", {}))[:trainer.batch_size]
     keys = keys or ["none"] * trainer.batch_size
     batch = {"data": data, "target": target, "keys": keys}
-    trainer.network.train()
-    t_first = time.time()
-    for _ in range(warmup):
-        trainer.train_step(batch)
-    torch.cuda.synchronize()
-    first = time.time() - t_first
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(iterations):
-        trainer.train_step(batch)
-    torch.cuda.synchronize()
-    return {"s_per_iteration": (time.time() - t0) / iterations, "warmup_s": first,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
+    return timed_train_steps(trainer, batch, iterations, warmup)
 
 
 def timing(args) -> None:

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nnunet_liver_ext.networks.mamba_codebook import GlobalFeatureRepresentation, MambaCodebookUNet  # noqa: E402
+from perf_common import forward_flops  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from nnunet_liver_ext.trainers.nnUNetTrainerMambaCodebook import PAPER_STAGE_FEATURES  # noqa: E402
 
 
@@ -67,10 +68,7 @@ def build(name: str) -> nn.Module:
 
 
 def count_flops(net: nn.Module, shape) -> int:
-    net = net.to("meta").eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.empty(1, 1, *shape, device="meta"))
-    return int(counter.get_total_flops())
+    return forward_flops(net.to("meta"), (1, 1, *shape), "meta")[0]
 
 
 def networks_table(quick: bool) -> list:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
+
+#: the presets of this package's networks (trainer_plans.planners.PRESETS), in README order
+NETWORK_PRESETS = ("stdnet", "dyntransnet", "mamba-codebook", "mti-net")
 
 
 def _check_inputs(args: argparse.Namespace) -> int:
@@ -25,23 +29,50 @@ def _check_inputs(args: argparse.Namespace) -> int:
     return did
 
 
+def _data_identifier(plans: dict, plans_name: str, configuration: str) -> str:
+    return plans["configurations"].get(configuration, {}).get("data_identifier", f"{plans_name}_{configuration}")
+
+
 def _plan(args: argparse.Namespace) -> int:
     dataset_id = _check_inputs(args)
+    from nnunet_liver_ext.errors import UserError
+
+    if len(args.preset) > 1 and args.overwrite_plans_name:
+        raise UserError("--overwrite-plans-name names one plans file, but several presets were given",
+                        "plan one preset at a time with --overwrite-plans-name, or leave it out")
+    if args.trainer and (len(args.preset) > 1 or args.preset[0] not in NETWORK_PRESETS):
+        raise UserError(f"--trainer picks the variant of one network's planner; got presets {args.preset}",
+                        f"nnunet-liver plan -d {args.d} --preset {NETWORK_PRESETS[0]} --trainer {args.trainer}")
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
 
     from nnunet_liver_ext.trainer_plans.planners import PRESETS
 
-    planner = PRESETS[args.preset]
-    _, plans_name = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_target,
-                                            overwrite_plans_name=args.overwrite_plans_name)
-    print(f"Wrote plans '{plans_name}' for dataset {dataset_id}. Train with: "
-          f"nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr TRAINER -p {plans_name}")
-    if args.preprocess:
-        configurations = args.c or ["3d_fullres"]
-        preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
-    else:
-        print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres")
+    preprocessed = set()  # data identifiers preprocessed in this run (the network plans share nnU-Net's)
+    for preset in args.preset:
+        planner = PRESETS[preset]
+        if args.trainer:
+            planner = functools.partial(planner, trainer=args.trainer)
+        plans, plans_name = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_target,
+                                                    overwrite_plans_name=args.overwrite_plans_name)
+        for name, configuration in plans["configurations"].items():
+            estimate = configuration.get("vram_estimate")
+            if estimate:
+                print(f"{plans_name} {name}: patch {configuration['patch_size']}, batch {configuration['batch_size']}; "
+                      f"{estimate['trainer']} estimated at {estimate['predicted_gb']:.2f} GB for a "
+                      f"{estimate['gpu_memory_target_gb']:g} GB target (nnU-Net's U-Net at this patch and batch: "
+                      f"{estimate['plain_unet_predicted_gb']:.2f} GB)")
+        trainer = args.trainer or getattr(PRESETS[preset], "trainer_name", None) or "TRAINER"
+        print(f"Wrote plans '{plans_name}' for dataset {dataset_id}. Train with: "
+              f"nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr {trainer} -p {plans_name}")
+        if args.preprocess:
+            configurations = [c for c in args.c or ["3d_fullres"]
+                              if _data_identifier(plans, plans_name, c) not in preprocessed]
+            if configurations:
+                preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
+            preprocessed.update(_data_identifier(plans, plans_name, c) for c in configurations)
+        else:
+            print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres")
     return 0
 
 
@@ -52,8 +83,16 @@ def register(subparsers) -> None:
                     "nnU-Net plans (use them with -p). The dataset needs nnU-Net's fingerprint first "
                     "(nnUNetv2_plan_and_preprocess or nnUNetv2_extract_fingerprint).")
     p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("--preset", default="cpu-demo", choices=["cpu-demo", "default"],
-                   help="cpu-demo: 8..64 features, one conv per stage, for 2-core CPUs (plans nnUNetPlans_CPUDemo)")
+    p.add_argument("--preset", nargs="+", default=["cpu-demo"], choices=["cpu-demo", "default", *NETWORK_PRESETS],
+                   metavar="PRESET",
+                   help="one or more of: cpu-demo (8..64 features, one conv per stage, for 2-core CPUs; plans "
+                        "nnUNetPlans_CPUDemo), default (nnU-Net's ExperimentPlanner), and one VRAM-aware planner per "
+                        "network: stdnet, dyntransnet, mamba-codebook, mti-net (patch and batch from the network's "
+                        "own memory estimate; plans nnUNetPlans_STDNet, nnUNetPlans_DynTransNet, "
+                        "nnUNetPlans_MambaCodebook, nnUNetPlans_MTINet)")
+    p.add_argument("--trainer", default=None,
+                   help="with one network preset: plan for this variant of the method (e.g. "
+                        "nnUNetTrainerSTDNet_noWeightSharing) instead of its main trainer")
     p.add_argument("--gpu-memory-target", type=float, default=None, help="VRAM target in GB (nnU-Net's default 8)")
     p.add_argument("--overwrite-plans-name", default=None, help="name of the plans file to write")
     p.add_argument("--preprocess", action="store_true", help="also run nnU-Net's preprocessing for these plans")

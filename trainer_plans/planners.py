@@ -3,12 +3,22 @@
 ``nnUNetv2_plan_experiment -pl`` only searches nnU-Net's package, so ``nnunet-liver plan`` calls
 ``plan_experiment_dataset(dataset_id, PlannerClass, ...)`` with these classes (DESIGN.md). The
 plans they write are ordinary nnU-Net plans: train with ``-p <plans name>``.
+
+- ``nnUNetPlannerCPUDemo``: nnU-Net's U-Net sized for a 2-core CPU (``nnUNetPlans_CPUDemo``).
+- One VRAM-aware planner per network (``NetworkPlanner``): nnU-Net's planning, with the network's own
+  memory estimate in place of the U-Net's, so patch and batch fit the VRAM target for that network
+  (``nnUNetPlans_STDNet``, ``nnUNetPlans_DynTransNet``, ``nnUNetPlans_MambaCodebook``, ``nnUNetPlans_MTINet``).
 """
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+import copy
+import importlib
+from typing import List, Optional, Sequence, Tuple, Union
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from nnunet_liver_ext.errors import UserError
+from nnunet_liver_ext.trainer_plans.memory import build_network, calibration_factor, predicted_gb
 
 
 class nnUNetPlannerCPUDemo(ExperimentPlanner):
@@ -43,7 +53,199 @@ class nnUNetPlannerCPUDemo(ExperimentPlanner):
         return plan
 
 
+def find_trainer_class(name: str) -> type:
+    """A trainer class by its ``-tr`` name: this package's (through the catalogue) or nnU-Net's own."""
+    from nnunet_liver_ext.catalogue import closest_trainers, load_catalogue
+
+    entry = load_catalogue().entries.get(name)
+    if entry is not None:
+        return getattr(importlib.import_module(f"nnunet_liver_ext.trainers.{entry.module}"), name)
+    from nnunetv2.utilities.find_objects import recursive_find_python_class
+    import nnunetv2
+
+    found = recursive_find_python_class(f"{nnunetv2.__path__[0]}/training/nnUNetTrainer", name,
+                                        "nnunetv2.training.nnUNetTrainer")
+    if found is None:
+        raise UserError(f"no trainer named {name} in this package or in nnU-Net",
+                        f"did you mean {', '.join(closest_trainers(name)) or '(nothing close)'}? "
+                        f"(`nnunet-liver trainers` lists them)")
+    return found
+
+
+class NetworkPlanner(ExperimentPlanner):
+    """nnU-Net's planning for one of this package's networks: patch and batch size for a VRAM target
+    from the network's own memory estimate.
+
+    nnU-Net's ``get_plans_for_configuration`` starts from a large patch, shrinks it while
+    ``static_estimate_VRAM_usage`` (the U-Net's feature-map count) exceeds its reference value scaled by
+    the VRAM target, then sets the batch size from the headroom. Here that estimate is the network that
+    ``trainer`` builds from the same architecture kwargs and this dataset's channels, phases and classes
+    (the trainer's own ``build_network_architecture``, on the meta device): its
+    ``compute_conv_feature_map_size`` times a calibration factor that puts it into the U-Net's units
+    (``trainer_plans.memory``: bytes saved for backward per counted element, relative to PlainConvUNet,
+    measured on the CPU once per 2d / 3d, at the first patch the search tries or a part of it,
+    ``memory.calibration_patch``). nnU-Net's reference values and scaling are
+    kept, so a network planned for 8 GB gets what its estimate says fits where stock nnU-Net's U-Net
+    would fill 8 GB. Widths, stages, kernels, spacing and normalisation stay nnU-Net's, so the 2d and
+    3d_fullres configurations reuse nnU-Net's preprocessed data (``nnUNetPlans_2d``, ``nnUNetPlans_3d_fullres``).
+
+    Every patch the search tries is built, so a configuration the network cannot take is refused at
+    planning time with a ``UserError`` naming the constraint and the patch (:meth:`check_constraints`).
+    Each configuration of the plans gets ``vram_estimate``: the network's count, the calibration, the
+    estimate, nnU-Net's U-Net count at the same patch and the GB nnU-Net's scaling predicts at the batch size.
+    """
+
+    #: the trainer whose network is planned (``-tr`` name); ``trainer=`` picks one of its variants
+    trainer_name: str = None
+    #: plans are written as ``nnUNetPlans_<plans_suffix>``
+    plans_suffix: str = None
+
+    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: Optional[str] = None,
+                 overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
+                 suppress_transpose: bool = False, trainer: Union[str, type, None] = None):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or f"nnUNetPlans_{self.plans_suffix}", overwrite_target_spacing, suppress_transpose)
+        trainer = trainer or self.trainer_name
+        self.trainer_class = find_trainer_class(trainer) if isinstance(trainer, str) else trainer
+        missing = [k for k in getattr(self.trainer_class, "dataset_keys_required", ()) if not self.dataset_json.get(k)]
+        if missing:
+            raise UserError(f"{self.trainer_class.__name__} needs dataset.json keys {missing}, which "
+                            f"{self.dataset_name} does not have, so there is no network to plan for",
+                            "plan a dataset that has them (`nnunet-liver trainers` lists what each trainer needs)")
+        self.calibrations = {}  # spatial dims -> calibration_factor(...)
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        # spacing, resampling and normalisation are nnU-Net's defaults: reuse its preprocessed data (as its
+        # ResEnc planners do); 3d_lowres depends on the full-resolution patch, so it gets its own
+        if configuration_name in ("2d", "3d_fullres"):
+            return "nnUNetPlans_" + configuration_name
+        return self.plans_identifier + "_" + configuration_name
+
+    # ------------------------------------------------------------------ the estimate
+    @staticmethod
+    def configuration_dict(patch_size: Sequence[int], arch_class_name: str, arch_kwargs: dict,
+                           arch_kwargs_req_import: Sequence[str]) -> dict:
+        return {"patch_size": [int(p) for p in patch_size],
+                "architecture": {"network_class_name": arch_class_name, "arch_kwargs": copy.deepcopy(arch_kwargs),
+                                 "_kw_requires_import": list(arch_kwargs_req_import)}}
+
+    def build_checked(self, configuration: dict, input_channels: int, output_channels: int):
+        """The trainer's network for ``configuration`` (meta device), or a UserError naming the constraint
+        it violates and the patch size."""
+        patch = configuration["patch_size"]
+        arch = configuration["architecture"]["arch_kwargs"]
+        try:
+            network = build_network(self.trainer_class, self.dataset_json, configuration, input_channels,
+                                    output_channels, "meta")
+            self.check_constraints(network, patch)
+        except ValueError as e:
+            raise UserError(
+                f"{self.trainer_class.__name__} cannot be planned for {self.dataset_name}: at patch size {patch} "
+                f"({len(patch)}d, n_stages {arch['n_stages']}, features {list(arch['features_per_stage'])}, VRAM target "
+                f"{self.UNet_vram_target_GB} GB) {e}",
+                "no patch nnU-Net's search reaches satisfies this; change the VRAM target (--gpu-memory-target), "
+                "the trainer (--trainer) or the network's settings") from None
+        return network
+
+    def check_constraints(self, network, patch_size: Sequence[int]) -> None:
+        """Constraints beyond what the network's constructor checks; raise ValueError naming the constraint."""
+
+    def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name, arch_kwargs,
+                                   arch_kwargs_req_import):
+        # nnU-Net calls this through self: an instance method here, since it needs the dataset and trainer
+        configuration = self.configuration_dict(patch_size, arch_class_name, arch_kwargs, arch_kwargs_req_import)
+        network = self.build_checked(configuration, input_channels, output_channels)
+        return network.compute_conv_feature_map_size(list(patch_size)) * \
+            self.calibration(configuration, input_channels, output_channels)["factor"]
+
+    def calibration(self, configuration: dict, input_channels: int, output_channels: int) -> dict:
+        """The calibration for this configuration's dimensionality, measured at its first (largest) topology."""
+        dims = len(configuration["patch_size"])
+        if dims not in self.calibrations:
+            self.calibrations[dims] = calibration_factor(self.trainer_class, self.dataset_json, configuration,
+                                                         input_channels, output_channels)
+            c = self.calibrations[dims]
+            print(f"{self.trainer_class.__name__} {dims}d memory calibration at patch {c['patch']}: "
+                  f"{c['bytes_per_element']:.2f} saved bytes per counted element vs "
+                  f"{c['unet_bytes_per_element']:.2f} for nnU-Net's U-Net -> factor {c['factor']:.3f}")
+        return self.calibrations[dims]
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
+                                    approximate_n_voxels_dataset: float, _cache: dict) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset, _cache)
+        architecture = plan["architecture"]
+        configuration = self.configuration_dict(plan["patch_size"], architecture["network_class_name"],
+                                                architecture["arch_kwargs"], architecture["_kw_requires_import"])
+        inputs, outputs = len(self.dataset_json["channel_names"]), len(self.dataset_json["labels"])
+        network = self.build_checked(configuration, inputs, outputs)
+        count = int(network.compute_conv_feature_map_size(list(plan["patch_size"])))
+        calibration = self.calibration(configuration, inputs, outputs)
+        estimate = count * calibration["factor"]
+        unet = int(ExperimentPlanner.static_estimate_VRAM_usage(
+            plan["patch_size"], inputs, outputs, architecture["network_class_name"], architecture["arch_kwargs"],
+            architecture["_kw_requires_import"]))
+        dims = len(plan["patch_size"])
+        plan["vram_estimate"] = {
+            "trainer": self.trainer_class.__name__,
+            "network": type(network).__name__,
+            "feature_map_elements": count,
+            "calibration": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in calibration.items()},
+            "estimate_per_sample": int(round(estimate)),
+            "plain_unet_feature_map_elements": unet,
+            "gpu_memory_target_gb": float(self.UNet_vram_target_GB),
+            "predicted_gb": float(f"{predicted_gb(estimate, plan['batch_size'], dims):.4g}"),
+            "plain_unet_predicted_gb": float(f"{predicted_gb(unet, plan['batch_size'], dims):.4g}"),
+        }
+        return plan
+
+
+class nnUNetPlannerSTDNet(NetworkPlanner):
+    """STD-Net: the shared encoder runs once per phase, the temporal Transformer at every bottleneck voxel."""
+
+    trainer_name = "nnUNetTrainerSTDNet"
+    plans_suffix = "STDNet"
+
+    def check_constraints(self, network, patch_size: Sequence[int]) -> None:
+        phases = self.dataset_json.get("phases")
+        if phases and network.fusion == "decoupled" and len(phases) != network.num_phases:
+            # STD-Net's temporal tokens are the channels (one per phase): a dataset with several channels per
+            # phase would give it a time axis that is not the dataset's
+            raise ValueError(f"STD-Net's temporal Transformer takes one token per input channel ({network.num_phases} "
+                             f"channels), but dataset.json names {len(phases)} phases {list(phases)}")
+
+
+class nnUNetPlannerDynTransNet(NetworkPlanner):
+    """DynTransNet: patch embedding and merging need a patch that tokenises (a multiple of the total stride per
+    axis) and at least two stages (a stem and a transformer stage); a stage of more than
+    ``max_global_tokens`` tokens attends in (shifted) windows, which the estimate counts on the padded grid.
+    The network's constructor checks these (the trainer passes the patch size)."""
+
+    trainer_name = "nnUNetTrainerDynTransNet"
+    plans_suffix = "DynTransNet"
+
+
+class nnUNetPlannerMambaCodebook(NetworkPlanner):
+    """Mamba-codebook U-Net: the Mamba2 block scans the bottleneck (``expand * width`` must split into heads
+    of ``headdim``), the codebook keeps a distance per bottleneck location and code."""
+
+    trainer_name = "nnUNetTrainerMambaCodebook"
+    plans_suffix = "MambaCodebook"
+
+
+class nnUNetPlannerMTINet(NetworkPlanner):
+    """MTI-Net: the encoder and MdIEF run once per phase; the phases' features are concatenated per stage."""
+
+    trainer_name = "nnUNetTrainerMTINet"
+    plans_suffix = "MTINet"
+
+
 PRESETS = {
     "cpu-demo": nnUNetPlannerCPUDemo,
     "default": ExperimentPlanner,
+    "stdnet": nnUNetPlannerSTDNet,
+    "dyntransnet": nnUNetPlannerDynTransNet,
+    "mamba-codebook": nnUNetPlannerMambaCodebook,
+    "mti-net": nnUNetPlannerMTINet,
 }

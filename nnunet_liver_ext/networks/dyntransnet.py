@@ -599,15 +599,17 @@ class DynTransNet(nn.Module):
         """Feature-map elements of one sample for nnU-Net-style VRAM planning: stem, every transformer
         stage (tokens, projections, MLP, and q/k/v/masks on the padded window layout; see
         :meth:`EncoderStage.compute_conv_feature_map_size`), and per decoder stage the upsampling, the
-        fusion's intermediate maps, RM and the segmentation output."""
+        fusion's intermediate maps, RM and the segmentation output; plus the input, which the stem and the
+        patch embedding keep for their weight gradients (the phases are input channels, so this is where
+        their number shows)."""
         check_patch_size(input_size, self.total_stride)
-        total = np.int64(self.stem.compute_conv_feature_map_size(input_size))
+        in_channels = self.stem.convs[0].conv.in_channels
+        total = np.int64(self.stem.compute_conv_feature_map_size(input_size)) + numel(in_channels, *input_size)
         sizes = []
         size = list(input_size)
         for stride in self.strides:
             size = [i // j for i, j in zip(size, stride)]
             sizes.append(size)
-        in_channels = self.stem.convs[0].conv.in_channels
         for s, stage in enumerate(self.stages, start=1):
             total += stage.compute_conv_feature_map_size(sizes[s], in_channels if s == 1 else self.features[s - 1])
         total += self.decoder.compute_conv_feature_map_size(sizes, self.features)

@@ -450,8 +450,11 @@ class MambaCodebookUNet(nn.Module):
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Feature-map elements of one sample for nnU-Net-style VRAM planning: encoder, MCE branches,
         codebook distances and quantized features, GFR projections and scan states (or the attention
-        matrix), decoder."""
-        total = int(self.encoder.compute_conv_feature_map_size(input_size))
+        matrix), decoder; plus the input, which the first convolution keeps for its weight gradient (the
+        phases are input channels, so this is where their number shows)."""
+        first_conv = next(m for m in self.encoder.modules() if isinstance(m, _ConvNd))
+        total = int(self.encoder.compute_conv_feature_map_size(input_size)) + int(numel(first_conv.in_channels,
+                                                                                         *input_size))
         sizes = encoder_skip_sizes(self.encoder, input_size)
         channels = list(self.encoder.output_channels)
         if self.mce is not None:

@@ -1,0 +1,532 @@
+"""Performance of stock nnU-Net's ``nnUNetTrainer`` and every method's main trainer, measured in one run
+on identical data: training step time (eager and torch.compile'd), memory against the VRAM-aware
+planners' estimate, sliding-window inference of one 3-phase case, parameters and FLOPs, and AMP
+stability. Writes ``performance.json`` and ``performance.md`` (a table, ratios against stock).
+
+Steps (``python benchmarks/performance.py STEP... --out DIR``; each writes ``DIR/parts/<step>.json`` and
+merges into what an earlier call left there, so a run may be split over several calls):
+
+- ``data``: phantom CT cases (3 phases) -> nnU-Net raw -> nnU-Net's fingerprint -> nnU-Net's plans
+  (``nnUNetPlans``, 3d_fullres preprocessed) and every network's VRAM-aware plans
+  (``trainer_plans.planners``, ``nnUNetPlans_<Net>``, which reuse nnU-Net's preprocessed data).
+- ``flops``: parameters, and forward FLOPs (``torch.utils.flop_counter``) of the inference network
+  (deep supervision off) at the common patch, batch 1, on the benchmark's device.
+- ``timing``: seconds per ``trainer.train_step`` (forward, loss, backward, optimiser step; nnU-Net's fp16
+  AMP and grad scaler on CUDA) on ONE batch from nnU-Net's own data loader, drawn once and cached, the
+  same for every trainer, at the common configuration: stock nnU-Net's 3d_fullres plans (patch and
+  batch size). ``--modes eager compiled`` (compiled: torch.compile through nnU-Net's
+  ``nnUNet_compile``; CUDA only, nnU-Net never compiles on the CPU). Memory: on CUDA the peak allocated
+  during the timed steps against the GB the planner's estimate predicts for that patch and batch
+  (nnU-Net's own estimate for stock); on the CPU the bytes autograd saves in one training forward under
+  bf16 autocast against the estimate in stock's bytes per element (``trainer_plans.memory``).
+  ``--own-plans``: each network also at the patch and batch its own planner chose (eager), peak against
+  the plans' prediction and VRAM target. ``--amp-iterations N``: after its timing, each trainer runs N
+  train steps on batches of nnU-Net's data loader with nnU-Net's CUDA defaults (AMP; torch.compile when
+  ``compiled`` is among the modes) and records non-finite losses, steps the grad scaler skipped and
+  non-finite weights.
+- ``inference``: nnU-Net's sliding-window prediction (``nnUNetPredictor``, step 0.5, Gaussian, no
+  mirroring, one patch at a time, fp16 autocast on CUDA) of one random 3-phase case of ``--case-shape``
+  (224^3 by default) with each trainer's inference network; median of 2 runs after a warm-up.
+- ``report``: ``DIR/performance.json`` and ``DIR/performance.md`` from the parts.
+- ``all``: data flops timing inference report.
+
+Sizes: the default is the GPU size (phantom 12 cases of 96x192x192, nnU-Net's plans for an 8 GB target,
+20 timed iterations after 3 warm-up ones, a 224^3 case). ``--small`` is the CPU size (5 cases of
+16x48x48, 2 timed iterations after 1, a 24x64x64 case): it tests the script, its figures are CPU
+figures of tiny networks' inputs and say little about a GPU.
+
+On the CPU (this repository's test; results in benchmarks/results/performance_cpu/):
+
+    python benchmarks/performance.py all --small --amp-iterations 2 --out benchmarks/results/performance_cpu
+
+On the GPU machine (../shared/GPU.md): step 2 (SimpleITK) in one call, then with ``.whl/rest`` carried
+one call per line below (each stays under the 10-minute limit of a call; the machine keeps
+``$TMPDIR`` between calls while it stays up, and every call returns all results so far under ``$OUT``):
+
+    bash benchmarks/performance_gpu.sh data flops inference timing --own-plans
+    bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainer nnUNetTrainerSTDNet
+    bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainerDynTransNet nnUNetTrainerMambaCodebook
+    bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainerMTINet
+    bash benchmarks/performance_gpu.sh report
+
+then copy the returned ``performance.json``, ``performance.md`` and ``parts/`` to
+``benchmarks/results/performance_gpu/``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import forward_flops, sliding_window_seconds, timed_train_steps  # noqa: E402
+
+DATASET_ID = 951
+DATASET_NAME = f"Dataset{DATASET_ID}_PhantomPerformance"
+#: the trainers compared, each with the preset of its VRAM-aware planner (None: nnU-Net's own planning)
+TRAINERS = {"nnUNetTrainer": None, "nnUNetTrainerSTDNet": "stdnet", "nnUNetTrainerDynTransNet": "dyntransnet",
+            "nnUNetTrainerMambaCodebook": "mamba-codebook", "nnUNetTrainerMTINet": "mti-net"}
+BASELINE = "nnUNetTrainer"
+CONFIGURATION = "3d_fullres"
+SIZES = {  # cases, phantom shape, timed iterations, warm-up iterations, inference case shape
+    "gpu": dict(cases=12, shape=(96, 192, 192), iterations=20, warmup=3, case_shape=(224, 224, 224)),
+    "small": dict(cases=5, shape=(16, 48, 48), iterations=2, warmup=1, case_shape=(24, 64, 64)),
+}
+
+
+# ------------------------------------------------------------------ setup
+def set_folders(work: Path) -> None:
+    """nnU-Net's three folders under ``work`` (nnU-Net 2.8 reads them from the environment when used)."""
+    for var, name in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        (work / name).mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(work / name)
+
+
+def preprocessed() -> Path:
+    return Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def plans_name(trainer: str) -> str:
+    from nnunet_liver_ext.trainer_plans.planners import PRESETS
+
+    preset = TRAINERS[trainer]
+    return "nnUNetPlans" if preset is None else f"nnUNetPlans_{PRESETS[preset].plans_suffix}"
+
+
+def common_plans() -> dict:
+    """Stock nnU-Net's plans: the configuration every trainer is measured at."""
+    return load_json(preprocessed() / "nnUNetPlans.json")
+
+
+def seed_everything(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_trainer(name: str, plans: dict, device: torch.device, compile_network: bool):
+    """The trainer as ``nnUNetv2_train`` builds it, then ``initialize()`` (nnU-Net's compile decision reads
+    ``nnUNet_compile``)."""
+    from nnunet_liver_ext.trainer_plans.planners import find_trainer_class
+
+    os.environ["nnUNet_compile"] = "t" if compile_network else "f"
+    seed_everything()
+    trainer = find_trainer_class(name)(dict(copy.deepcopy(plans), continue_training=False), CONFIGURATION, 0,
+                                       load_json(preprocessed() / "dataset.json"), device)
+    trainer.initialize()
+    return trainer
+
+
+@contextlib.contextmanager
+def loader_workers(n: int):
+    """nnU-Net's data-loader processes (``nnUNet_n_proc_DA``) while a loader is made; only there, since
+    nnU-Net's planner fails on 0 (it sets torch's threads to it)."""
+    before = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("nnUNet_n_proc_DA")
+        else:
+            os.environ["nnUNet_n_proc_DA"] = before
+
+
+def cached_batch(plans: dict, device: torch.device, key: str) -> dict:
+    """One training batch of nnU-Net's data loader (stock trainer, its augmentation) for ``plans``, drawn
+    once with fixed seeds in this process and cached on disk, so every trainer and every later call
+    times the same batch."""
+    path = preprocessed().parent.parent / f"batch_{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    trainer = make_trainer(BASELINE, plans, torch.device("cpu"), False)
+    with loader_workers(0):  # a single-threaded loader: the seed decides the batch
+        loader, _ = trainer.get_dataloaders()
+    seed_everything()
+    batch = next(loader)
+    batch = {"data": batch["data"], "target": batch["target"], "keys": [str(k) for k in batch["keys"]]}
+    torch.save(batch, path)
+    return batch
+
+
+# ------------------------------------------------------------------ steps
+def step_data(args, size: dict) -> dict:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiment_dataset,
+                                                                      preprocess_dataset)
+
+    from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
+    from nnunet_liver_ext.trainer_plans.planners import PRESETS
+
+    if (preprocessed() / "nnUNetPlans.json").is_file() and all(
+            (preprocessed() / f"{plans_name(t)}.json").is_file() for t in TRAINERS):
+        print("data: already there", flush=True)
+        return {}
+    start = time.perf_counter()
+    config = PhantomConfig(shape=tuple(size["shape"]), n_lesions_range=(1, 3), p_no_lesion=0.0)
+    write_nnunet_raw(os.environ["nnUNet_raw"], DATASET_ID, DATASET_NAME.split("_", 1)[1],
+                     generate_cases(size["cases"], config, seed=13, progress=False), overwrite=True)
+    extract_fingerprints([DATASET_ID], num_processes=args.np)
+    plan_experiment_dataset(DATASET_ID, PRESETS["default"])
+    preprocess_dataset(DATASET_ID, "nnUNetPlans", [CONFIGURATION], [args.np])
+    for trainer, preset in TRAINERS.items():
+        if preset is not None:
+            plan_experiment_dataset(DATASET_ID, PRESETS[preset])
+    print(f"data: {size['cases']} phantom cases of {size['shape']}, fingerprint, plans and preprocessing in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return {}
+
+
+def _inference_network(name: str, plans: dict, dataset_json: dict):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_liver_ext.trainer_plans.planners import find_trainer_class
+    from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+
+    trainer_class = find_trainer_class(name)
+    if issubclass(trainer_class, LiverMultiTaskTrainer):  # the package's block in the plans, as training writes it
+        plans = trainer_class.plans_with_liver_block(plans, dataset_json)
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(CONFIGURATION)
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    seed_everything()
+    network = trainer_class.build_network_architecture(plans_manager, configuration_manager,
+                                                       len(dataset_json["channel_names"]),
+                                                       label_manager.num_segmentation_heads, False)
+    return network, plans_manager, configuration_manager
+
+
+def step_flops(args, size: dict) -> dict:
+    plans, dataset_json = common_plans(), load_json(preprocessed() / "dataset.json")
+    patch = plans["configurations"][CONFIGURATION]["patch_size"]
+    results = {}
+    for name in args.trainers:
+        network, _, _ = _inference_network(name, plans, dataset_json)
+        network = network.to(args.device)
+        flops, _ = forward_flops(network, (1, len(dataset_json["channel_names"]), *patch), args.device)
+        results[name] = {"parameters": int(sum(p.numel() for p in network.parameters())), "forward_flops": flops,
+                         "patch_size": patch}
+        print(name, results[name], flush=True)
+        del network
+    return results
+
+
+def predicted_memory(name: str, plans: dict, batch_size: int) -> dict:
+    """The planner's estimate for ``name``'s network at ``plans``' 3d_fullres patch and ``batch_size``: its
+    feature-map count times the calibration its own plans recorded (1 for stock nnU-Net's U-Net)."""
+    from nnunet_liver_ext.trainer_plans.memory import build_network, predicted_gb
+    from nnunet_liver_ext.trainer_plans.planners import find_trainer_class
+
+    dataset_json = load_json(preprocessed() / "dataset.json")
+    configuration = plans["configurations"][CONFIGURATION]
+    factor = 1.0
+    if TRAINERS[name] is not None:
+        factor = load_json(preprocessed() / f"{plans_name(name)}.json")["configurations"][CONFIGURATION][
+            "vram_estimate"]["calibration"]["factor"]
+    network = build_network(find_trainer_class(name), dataset_json, configuration, len(dataset_json["channel_names"]),
+                            len(dataset_json["labels"]), "meta")
+    count = int(network.compute_conv_feature_map_size(list(configuration["patch_size"])))
+    return {"feature_map_elements": count, "calibration_factor": factor, "estimate_per_sample": count * factor,
+            "predicted_gb": predicted_gb(count * factor, batch_size, len(configuration["patch_size"]))}
+
+
+def amp_check(trainer, iterations: int, workers: int) -> dict:
+    """``iterations`` train steps on batches of the trainer's own nnU-Net data loader, as one epoch of
+    ``nnUNetv2_train`` runs them (nnU-Net's AMP and grad scaler on CUDA): non-finite losses (a trainer of
+    this package stops on one, naming the term), steps the grad scaler skipped (its scale fell), and
+    whether the weights are finite at the end."""
+    with loader_workers(workers):
+        loader, _ = trainer.get_dataloaders()
+    trainer.on_train_epoch_start()
+    non_finite, skipped, error = [], 0, None
+    start = time.perf_counter()
+    for i in range(iterations):
+        scale = trainer.grad_scaler.get_scale() if trainer.grad_scaler is not None else None
+        try:
+            loss = float(trainer.train_step(next(loader))["loss"])
+        except FloatingPointError as e:
+            error = f"iteration {i}: {e}"
+            break
+        if not np.isfinite(loss):
+            non_finite.append(i)
+        if scale is not None and trainer.grad_scaler.get_scale() < scale:
+            skipped += 1
+    seconds = time.perf_counter() - start
+    for augmenter in (loader,):
+        if hasattr(augmenter, "_finish"):
+            augmenter._finish()
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.network.parameters())
+    return {"iterations": iterations, "amp": trainer.grad_scaler is not None,
+            "compiled": hasattr(trainer.network, "_orig_mod"), "non_finite_loss_iterations": non_finite,
+            "grad_scaler_skipped_steps": skipped, "stopped": error, "weights_finite": weights_finite,
+            "ok": not non_finite and error is None and weights_finite, "seconds": seconds}
+
+
+def step_timing(args, size: dict) -> dict:
+    from nnunet_liver_ext.trainer_plans.memory import saved_for_backward_bytes
+    from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnUNetv2_train does
+    plans = common_plans()
+    batch = cached_batch(plans, device, "common")
+    batch_size, channels = batch["data"].shape[0], batch["data"].shape[1]
+    results = {}
+    for name in args.trainers:
+        entry = {"memory": predicted_memory(name, plans, batch_size)}
+        trainer = None
+        for mode in args.modes:
+            if mode == "compiled" and device.type != "cuda":
+                entry[mode] = {"skipped": "nnU-Net does not compile on the CPU (nnUNetTrainer._do_i_compile)"}
+                continue
+            trainer = None  # one trainer at a time on the device
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            trainer = make_trainer(name, plans, device, mode == "compiled")
+            try:
+                entry[mode] = timed_train_steps(trainer, batch, size["iterations"], size["warmup"])
+            except Exception as e:  # a network that does not compile is a finding, not a crash
+                entry[mode] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            if device.type == "cpu" and mode == "eager":
+                heads = isinstance(trainer, LiverMultiTaskTrainer)
+                entry["memory"]["saved_activation_bytes_bf16"] = saved_for_backward_bytes(
+                    trainer.network, (batch_size, channels, *batch["data"].shape[2:]), heads)
+            print(name, mode, entry[mode], flush=True)
+        if args.amp_iterations and trainer is not None:
+            # the last mode's trainer: compiled on CUDA when asked for, as nnUNetv2_train runs it by default
+            try:
+                entry["amp_check"] = amp_check(trainer, args.amp_iterations, args.loader_workers)
+            except Exception as e:  # e.g. a network that failed to compile above
+                entry["amp_check"] = {"ok": False, "iterations": args.amp_iterations, "amp": None, "compiled": None,
+                                      "grad_scaler_skipped_steps": None, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(name, "AMP check", entry["amp_check"], flush=True)
+        trainer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.own_plans and TRAINERS[name] is not None:
+            own = load_json(preprocessed() / f"{plans_name(name)}.json")
+            estimate = own["configurations"][CONFIGURATION]["vram_estimate"]
+            trainer = make_trainer(name, own, device, False)
+            own_batch = cached_batch(own, device, plans_name(name))
+            entry["own_plans"] = {"plans": plans_name(name), "patch_size": own["configurations"][CONFIGURATION][
+                "patch_size"], "batch_size": own["configurations"][CONFIGURATION]["batch_size"],
+                "predicted_gb": estimate["predicted_gb"], "gpu_memory_target_gb": estimate["gpu_memory_target_gb"],
+                **timed_train_steps(trainer, own_batch, size["iterations"], size["warmup"])}
+            print(name, "own plans", entry["own_plans"], flush=True)
+            del trainer
+        results[name] = entry
+    return results
+
+
+def step_inference(args, size: dict) -> dict:
+    os.environ["nnUNet_compile"] = "f"  # eager inference, as nnUNetv2_predict runs by default
+    device = torch.device(args.device)
+    plans, dataset_json = common_plans(), load_json(preprocessed() / "dataset.json")
+    channels = len(dataset_json["channel_names"])
+    case = torch.randn(channels, *args.case_shape, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name in args.trainers:
+        network, plans_manager, configuration_manager = _inference_network(name, plans, dataset_json)
+        results[name] = {"case_shape": [channels, *args.case_shape],
+                         **sliding_window_seconds(network, plans_manager, configuration_manager, dataset_json, name,
+                                                  case, device)}
+        print(name, results[name], flush=True)
+        del network
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# ------------------------------------------------------------------ report
+def merged(out: Path) -> dict:
+    trainers: dict = {}
+    meta: dict = {}
+    for part in sorted((out / "parts").glob("*.json")):
+        content = load_json(part)
+        meta[part.stem] = content["meta"]
+        for name, result in content["results"].items():
+            trainers.setdefault(name, {})[part.stem] = result
+    return {"meta": meta, "trainers": trainers}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _ratio(value, base):
+    return value / base if value is not None and base else None
+
+
+def report_table(results: dict) -> str:
+    """The Markdown table of ``performance.json``: every figure comes from the parts, ratios against stock."""
+    rows = results["trainers"]
+    base = rows.get(BASELINE, {})
+
+    def get(name, *keys):
+        value = rows.get(name, {})
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    timing_meta = results["meta"].get("timing", {})
+    lines = [f"# Performance: stock nnU-Net and the methods' main trainers ({timing_meta.get('device_name', '?')}; "
+             f"size: {timing_meta.get('size', '?')})", "",
+             f"Produced by `{timing_meta.get('command', 'python benchmarks/performance.py')}`; torch "
+             f"{timing_meta.get('torch', '?')}. Common configuration: stock nnU-Net's 3d_fullres plans, patch "
+             f"{timing_meta.get('patch_size')}, batch {timing_meta.get('batch_size')}, the same batch for every "
+             f"trainer; {timing_meta.get('iterations')} timed iterations after {timing_meta.get('warmup')} warm-up "
+             f"one(s). x stock: ratio to `{BASELINE}` in the same run.", "",
+             "| trainer | parameters (M) | forward GFLOPs (patch, batch 1) | s / iteration eager | x stock | "
+             "s / iteration compiled | x stock | memory measured | memory predicted by the planner | measured / "
+             "predicted | inference s (one case) | x stock | AMP check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        params, flops = get(name, "flops", "parameters"), get(name, "flops", "forward_flops")
+        eager, compiled = get(name, "timing", "eager", "s_per_iteration"), \
+            get(name, "timing", "compiled", "s_per_iteration")
+        compiled_text = _fmt(compiled) if compiled is not None else (
+            "n/a" if get(name, "timing", "compiled", "skipped") else
+            ("error" if get(name, "timing", "compiled", "error") else "-"))
+        peak = get(name, "timing", "eager", "peak_memory_gb")
+        predicted = get(name, "timing", "memory", "predicted_gb")
+        if peak is not None:
+            measured_text, predicted_text, ratio = f"{peak:.2f} GB peak", f"{predicted:.2f} GB", _ratio(peak, predicted)
+        else:  # CPU: bytes saved for backward (bf16 autocast) against the estimate in stock's bytes per element
+            saved = get(name, "timing", "memory", "saved_activation_bytes_bf16")
+            base_saved = get(BASELINE, "timing", "memory", "saved_activation_bytes_bf16")
+            base_estimate = get(BASELINE, "timing", "memory", "estimate_per_sample")
+            estimate = get(name, "timing", "memory", "estimate_per_sample")
+            expected = estimate * base_saved / base_estimate if None not in (saved, base_saved, base_estimate,
+                                                                             estimate) else None
+            measured_text = f"{saved / 2 ** 20:.0f} MB saved (CPU, bf16)" if saved else "-"
+            predicted_text = f"{expected / 2 ** 20:.0f} MB" if expected else "-"
+            ratio = _ratio(saved, expected)
+        inference = get(name, "inference", "seconds")
+        amp = get(name, "timing", "amp_check")
+        amp_text = "-" if not amp else (
+            f"{'ok' if amp['ok'] else 'FAILED'}: {amp['iterations']} it., {'AMP' if amp['amp'] else 'fp32'}"
+            f"{', compiled' if amp['compiled'] else ''}, {amp['grad_scaler_skipped_steps']} skipped")
+        lines.append(
+            f"| `{name}` | {_fmt(params / 1e6 if params else None)} | {_fmt(flops / 1e9 if flops else None)} | "
+            f"{_fmt(eager)} | {_fmt(_ratio(eager, get(BASELINE, 'timing', 'eager', 's_per_iteration')))} | "
+            f"{compiled_text} | {_fmt(_ratio(compiled, get(BASELINE, 'timing', 'compiled', 's_per_iteration')))} | "
+            f"{measured_text} | {predicted_text} | {_fmt(ratio)} | {_fmt(inference)} | "
+            f"{_fmt(_ratio(inference, get(BASELINE, 'inference', 'seconds')))} | {amp_text} |")
+    own = [(name, get(name, "timing", "own_plans")) for name in rows if get(name, "timing", "own_plans")]
+    if own:
+        lines += ["", "Each network at its own planner's plans (eager):", "",
+                  "| trainer | plans | patch | batch | s / iteration | peak GB | predicted GB | VRAM target GB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, o in own:
+            lines.append(f"| `{name}` | {o['plans']} | {o['patch_size']} | {o['batch_size']} | "
+                         f"{_fmt(o['s_per_iteration'])} | {_fmt(o.get('peak_memory_gb'))} | {_fmt(o['predicted_gb'])} | "
+                         f"{_fmt(o['gpu_memory_target_gb'])} |")
+    notes = ["Training step: `trainer.train_step` (forward, loss, backward, optimiser step; fp16 AMP and grad scaler "
+                 "on CUDA, fp32 on the CPU) on one batch of nnU-Net's data loader; compiled: torch.compile through "
+                 "nnU-Net's `nnUNet_compile` (nnU-Net never compiles on the CPU). FLOPs: `torch.utils.flop_counter`, "
+                 "one forward of the inference network (deep supervision off), 2 per multiply-accumulate, norms and "
+                 "element-wise operations not counted."]
+    if any(get(name, "timing", "eager", "peak_memory_gb") is not None for name in rows):
+        notes.append("Memory: peak GPU memory allocated during the timed steps (weights, gradients, optimiser state "
+                     "and activations) against the GB that nnU-Net's reference scaling (560e6 feature-map elements "
+                     "per sample fill 8 GB at batch 2) gives the planner's estimate at this patch and batch; for stock "
+                     "nnU-Net the estimate is nnU-Net's own. Equal ratios across the rows mean the estimates rank the "
+                     "networks' memory as the GPU does.")
+    else:
+        notes.append("Memory on the CPU (no GPU figure): bytes autograd saves for backward in one training forward "
+                     "under bf16 autocast, against the planner's calibrated estimate in stock's measured bytes per "
+                     "element. The planners calibrate at the planned patch, which at this size is the benchmark's "
+                     "patch, so a ratio near 1 checks the bookkeeping; tests/test_planners.py checks the calibration "
+                     "at another patch.")
+    if base:
+        notes.append(f"Inference: one random {get(BASELINE, 'inference', 'case_shape')} case (channels, *spatial) "
+                     "with nnU-Net's sliding window (step 0.5, Gaussian, no mirroring, one patch per forward), median "
+                     "of 2 runs after a warm-up. AMP check: train steps on batches of the trainer's own data loader; "
+                     "'skipped' counts steps whose gradients the grad scaler found non-finite.")
+    return "\n".join(lines + [line for note in notes for line in ("", note)]) + "\n"
+
+
+def step_report(args, size: dict) -> None:
+    results = merged(args.out)
+    (args.out / "performance.json").write_text(json.dumps(results, indent=2))
+    (args.out / "performance.md").write_text(report_table(results))
+    print(report_table(results))
+
+
+# ------------------------------------------------------------------ main
+STEPS = {"data": step_data, "flops": step_flops, "timing": step_timing, "inference": step_inference,
+         "report": step_report}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("steps", nargs="+", choices=[*STEPS, "all"])
+    parser.add_argument("--out", type=Path, required=True, help="results folder (parts/, performance.json, .md)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "nnunet_liver_performance",
+                        help="nnU-Net's folders: raw, preprocessed, results (default: in the temp folder)")
+    parser.add_argument("--small", action="store_true", help="the CPU size (a test of the script)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    parser.add_argument("--own-plans", action="store_true", help="also time each network at its own plans")
+    parser.add_argument("--amp-iterations", type=int, default=0, help="AMP stability check: train steps per trainer")
+    parser.add_argument("--case-shape", type=int, nargs=3, default=None, help="inference case (spatial shape)")
+    parser.add_argument("-np", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="processes for nnU-Net's fingerprint and preprocessing")
+    args = parser.parse_args(argv)
+    size = SIZES["small" if args.small else "gpu"]
+    args.case_shape = tuple(args.case_shape or size["case_shape"])
+    steps = ["data", "flops", "timing", "inference", "report"] if "all" in args.steps else args.steps
+    set_folders(args.work)
+    args.loader_workers = 0 if args.small else max(1, (os.cpu_count() or 2) - 2)
+    (args.out / "parts").mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    meta = {"command": "python benchmarks/performance.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": args.device, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                 f"{torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "size": "small (CPU test size)" if args.small else "gpu", **size,
+            "modes": args.modes, "amp_iterations": args.amp_iterations}
+    for step in steps:
+        start = time.perf_counter()
+        results = STEPS[step](args, size)
+        if step != "report":
+            save_part(args.out, step, meta, results)
+        print(f"== step {step}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def save_part(out: Path, step: str, meta: dict, results: dict) -> None:
+    """``out/parts/<step>.json``, merged with what earlier calls left: per trainer, a later call's entries
+    (e.g. ``compiled`` timings) join the earlier ones; the commands of all calls are kept."""
+    path = out / "parts" / f"{step}.json"
+    previous = load_json(path) if path.is_file() else {"meta": {}, "results": {}}
+    merged_results = copy.deepcopy(previous["results"])
+    for name, entry in results.items():
+        merged_results.setdefault(name, {}).update(entry)
+    meta = dict(meta, commands=previous["meta"].get("commands", []) + [meta["command"]])
+    if step == "timing":
+        configuration = common_plans()["configurations"][CONFIGURATION]
+        meta.update(patch_size=configuration["patch_size"], batch_size=configuration["batch_size"])
+    path.write_text(json.dumps({"meta": meta, "results": merged_results}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

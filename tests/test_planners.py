@@ -1,0 +1,203 @@
+"""The VRAM-aware planners of the four networks (trainer_plans/planners.py, trainer_plans/memory.py).
+
+- every network's memory estimate grows with the patch size and with the number of phases (2d and 3d);
+- the calibration is a measurement: the calibrated estimate of each network, taken at one patch,
+  predicts the bytes autograd saves (bf16 autocast, CPU) at a larger patch within 15 %, relative to
+  nnU-Net's U-Net;
+- on a small phantom dataset (nnU-Net's fingerprint and planning API, in process) each planner writes
+  ``nnUNetPlans_<Net>.json``; nnU-Net's PlansManager loads it, the method's trainer builds its network
+  from it and trains two iterations on batches from nnU-Net's own data loader;
+- a VRAM target decides patch and batch from the network's estimate: at the same small target the
+  networks whose estimate is larger than the U-Net's get smaller patches than stock nnU-Net;
+- a configuration a network cannot take is refused at planning time with a UserError naming the
+  constraint and the patch size (DynTransNet with fewer than two stages, a Mamba2 head size that
+  does not divide the block's width).
+"""
+import copy
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_liver_ext.errors import UserError
+from nnunet_liver_ext.trainer_plans.memory import (build_network, bytes_per_element, calibration_factor,
+                                                   predicted_gb)
+from nnunet_liver_ext.trainer_plans.planners import PRESETS, NetworkPlanner, find_trainer_class
+
+torch.set_num_threads(1)
+
+NETWORK_PRESETS = ("stdnet", "dyntransnet", "mamba-codebook", "mti-net")
+PHASE_NAMES = ("pre", "arterial", "portal_venous", "delayed")
+DATASET_ID = 962
+
+
+def unit_dataset_json(phases: int) -> dict:
+    names = list(PHASE_NAMES[-phases:])
+    return {"name": "PlannerUnit", "channel_names": {str(i): "CT" for i in range(phases)},
+            "labels": {"background": 0, "liver": 1, "tumor": 2}, "numTraining": 2, "file_ending": ".nii.gz",
+            "phases": names, "characterization": {"classes": ["HCC", "cyst"], "cases": {"a": 0, "b": 1}},
+            "enhancement": {"a": [100.0 + 50 * i for i in range(phases)], "b": [90.0] * phases}}
+
+
+def arch_kwargs(dims: int, n_stages: int = 4) -> dict:
+    """nnU-Net's default architecture kwargs (32 base features, 2 convolutions per stage), as plans store them."""
+    strides = [[1] * dims] + ([[1, 2, 2]] if dims == 3 else [[2, 2]]) + [[2] * dims] * (n_stages - 2)
+    return {"n_stages": n_stages, "features_per_stage": [min(32 * 2 ** i, 320) for i in range(n_stages)],
+            "conv_op": f"torch.nn.modules.conv.Conv{dims}d", "kernel_sizes": [[3] * dims] * n_stages,
+            "strides": strides, "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dims}d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+
+
+def configuration(patch, n_stages: int = 4) -> dict:
+    return NetworkPlanner.configuration_dict(patch, "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                             arch_kwargs(len(patch), n_stages),
+                                             ["conv_op", "norm_op", "dropout_op", "nonlin"])
+
+
+def trainer_of(preset: str) -> type:
+    return find_trainer_class(PRESETS[preset].trainer_name)
+
+
+@pytest.mark.parametrize("preset", NETWORK_PRESETS)
+@pytest.mark.parametrize("patches", [[(16, 32, 32), (16, 64, 64), (32, 64, 64)], [(32, 32), (64, 64), (64, 128)]],
+                         ids=["3d", "2d"])
+def test_estimate_grows_with_patch_size_and_phases(preset, patches):
+    trainer = trainer_of(preset)
+    counts = np.array([[build_network(trainer, unit_dataset_json(n), configuration(p), n, 3)
+                        .compute_conv_feature_map_size(list(p)) for n in (1, 2, 3, 4)] for p in patches])
+    assert (np.diff(counts, axis=0) > 0).all(), f"not increasing with the patch size: {counts.tolist()}"
+    assert (np.diff(counts, axis=1) > 0).all(), f"not increasing with the phases: {counts.tolist()}"
+
+
+@pytest.mark.parametrize("preset", NETWORK_PRESETS)
+def test_calibrated_estimate_predicts_saved_bytes_at_another_patch(preset):
+    trainer = trainer_of(preset)
+    data = unit_dataset_json(3)
+    calibration = calibration_factor(trainer, data, configuration((16, 48, 48)), 3, 3)
+    assert calibration["patch"] == [16, 48, 48]
+    nnunet = find_trainer_class("nnUNetTrainer")
+    larger = configuration((32, 64, 64))
+    ours = bytes_per_element(build_network(trainer, data, larger, 3, 3, "cpu"), (32, 64, 64), 3, True)
+    unet = bytes_per_element(build_network(nnunet, data, larger, 3, 3, "cpu"), (32, 64, 64), 3, False)
+    assert ours / unet == pytest.approx(calibration["factor"], rel=0.15), (ours, unet, calibration)
+
+
+# ------------------------------------------------------------------ planning a phantom dataset with nnU-Net's API
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """Five 3-phase phantom CT cases of 16x48x48 with nnU-Net's fingerprint, nnU-Net's own plans (preprocessed
+    3d_fullres, which the network plans share) and every network's plans at nnU-Net's default 8 GB target."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiment_dataset,
+                                                                      preprocess_dataset)
+
+    from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
+
+    root = tmp_path_factory.mktemp("planners")
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("raw", "pre", "res"):
+            (root / name).mkdir()
+        env.setenv("nnUNet_raw", str(root / "raw"))
+        env.setenv("nnUNet_preprocessed", str(root / "pre"))
+        env.setenv("nnUNet_results", str(root / "res"))
+        config = PhantomConfig(shape=(16, 48, 48), n_lesions_range=(1, 2), p_no_lesion=0.0)
+        dataset = write_nnunet_raw(root / "raw", DATASET_ID, "PlannerPhantom",
+                                   generate_cases(5, config, seed=4, progress=False))
+        extract_fingerprints([DATASET_ID], num_processes=1)
+        plan_experiment_dataset(DATASET_ID, PRESETS["default"])
+        preprocess_dataset(DATASET_ID, "nnUNetPlans", ["3d_fullres"], [1])
+        plans = {preset: plan_experiment_dataset(DATASET_ID, PRESETS[preset])[1] for preset in NETWORK_PRESETS}
+        yield {"root": root, "pre": root / "pre" / dataset.name, "plans": plans,
+               "dataset_json": json.loads((dataset / "dataset.json").read_text())}
+
+
+def load_plans(phantom, name: str) -> dict:
+    return json.loads((phantom["pre"] / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("preset", NETWORK_PRESETS)
+def test_planner_writes_plans_that_nnunet_loads_and_trains_with(phantom, preset, monkeypatch):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    name = phantom["plans"][preset]
+    assert name == f"nnUNetPlans_{PRESETS[preset].plans_suffix}"
+    plans = load_plans(phantom, name)
+    stock = load_plans(phantom, "nnUNetPlans")
+    assert plans["experiment_planner_used"] == PRESETS[preset].__name__
+    for config in ("2d", "3d_fullres"):
+        planned = PlansManager(plans).get_configuration(config)
+        # same spacing and normalisation as nnU-Net's plans: their preprocessed data are reused
+        assert planned.data_identifier == f"nnUNetPlans_{config}"
+        assert planned.spacing == stock["configurations"][config]["spacing"]
+        estimate = plans["configurations"][config]["vram_estimate"]
+        assert estimate["trainer"] == PRESETS[preset].trainer_name
+        assert estimate["predicted_gb"] == pytest.approx(predicted_gb(estimate["estimate_per_sample"],
+                                                                      planned.batch_size, len(planned.patch_size)),
+                                                         rel=1e-3)
+        assert estimate["predicted_gb"] <= estimate["gpu_memory_target_gb"]
+
+    # nnU-Net's trainer path: constructor, initialize(), nnU-Net's data loader (in this process), two train steps
+    for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(phantom["root"] / folder))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    configuration_manager = PlansManager(plans).get_configuration("3d_fullres")
+    torch.manual_seed(0)
+    trainer = trainer_of(preset)(dict(copy.deepcopy(plans), continue_training=False), "3d_fullres", 0,
+                                 copy.deepcopy(phantom["dataset_json"]), torch.device("cpu"))
+    trainer.initialize()
+    loader, _ = trainer.get_dataloaders()
+    for _ in range(2):
+        batch = next(loader)
+        assert tuple(batch["data"].shape) == (configuration_manager.batch_size, 3, *configuration_manager.patch_size)
+        result = trainer.train_step(batch)
+        assert np.isfinite(result["loss"])
+
+
+def _plan(phantom, planner, target: float, name: str) -> dict:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+    with pytest.MonkeyPatch.context() as env:
+        for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+            env.setenv(var, str(phantom["root"] / folder))
+        plans, _ = plan_experiment_dataset(DATASET_ID, planner, gpu_memory_target_in_gb=target,
+                                           overwrite_plans_name=name)
+    return plans["configurations"]["3d_fullres"]
+
+
+def test_vram_target_sets_patch_and_batch_from_the_network_estimate(phantom):
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    target = 0.03
+    stock = _plan(phantom, ExperimentPlanner, target, "nnUNetPlans_small")
+    voxels = {"stock": np.prod(stock["patch_size"]) * stock["batch_size"]}
+    for preset in NETWORK_PRESETS:
+        planned = _plan(phantom, PRESETS[preset], target, f"nnUNetPlans_{preset}_small")
+        estimate = planned["vram_estimate"]
+        voxels[preset] = np.prod(planned["patch_size"]) * planned["batch_size"]
+        # the search stopped where the network's estimate fits the target at nnU-Net's minimum batch size
+        assert predicted_gb(estimate["estimate_per_sample"], 2, 3) <= target
+        if estimate["estimate_per_sample"] > 1.5 * estimate["plain_unet_feature_map_elements"]:
+            assert voxels[preset] < voxels["stock"], (preset, planned["patch_size"], stock["patch_size"])
+    assert voxels["stdnet"] < voxels["stock"] and voxels["mti-net"] < voxels["stock"], voxels
+
+
+def test_dyntransnet_with_no_room_for_two_stages_is_refused(phantom):
+    with pytest.raises(UserError) as refused:
+        _plan(phantom, PRESETS["dyntransnet"], 0.001, "nnUNetPlans_refused")
+    message = str(refused.value)
+    assert "DynTransNet needs n_stages >= 2" in message and "at patch size [" in message, message
+    assert not (phantom["pre"] / "nnUNetPlans_refused.json").exists()
+
+
+def test_mamba_head_size_that_does_not_divide_the_width_is_refused(phantom):
+    base = trainer_of("mamba-codebook")
+    # mamba_ssm's default head size 64 does not divide 2 x 48 (the width of a 48-feature bottleneck)
+    variant = type("nnUNetTrainerMambaCodebook_headdim64", (base,), {
+        "network_kwargs": {**base.network_kwargs, "headdim": 64, "stage_features": (12, 24, 48)}})
+    with pytest.raises(UserError) as refused:
+        _plan(phantom, functools.partial(PRESETS["mamba-codebook"], trainer=variant), 8, "nnUNetPlans_refused")
+    message = str(refused.value)
+    assert "must be divisible by headdim (64)" in message and "at patch size [" in message, message
