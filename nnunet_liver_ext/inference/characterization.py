@@ -84,6 +84,8 @@ class CharacterizationPredictor(nnUNetPredictor):
         self._patch_records: list = []
         self._fold_records: list = []
         self.last_case: Optional[dict] = None
+        # every CASE.json written by this predictor, in order: the caller's table of the run
+        self.written_results: List[CaseCharacterization] = []
 
     # --- what the plans say about the heads
     @property
@@ -239,12 +241,29 @@ class CharacterizationPredictor(nnUNetPredictor):
         ending = self.dataset_json["file_ending"]
         results = []
         for ofile, heads in heads_of_file:
-            result = self.case_result(os.path.basename(ofile), heads, self.written_lesion_voxels(ofile + ending))
-            write_case_json(ofile + ".json", result)
-            results.append((os.path.dirname(ofile), result))
+            results.append((os.path.dirname(ofile), self._write_case_json(ofile, heads, ending)))
         for folder in sorted({f for f, _ in results}):
             write_characterization_csv(os.path.join(folder, CSV_NAME), [r for f, r in results if f == folder])
         return ret
+
+    def _write_case_json(self, ofile: str, heads: dict, ending: str) -> CaseCharacterization:
+        result = self.case_result(os.path.basename(ofile), heads, self.written_lesion_voxels(ofile + ending))
+        write_case_json(ofile + ".json", result)
+        self.written_results.append(result)
+        return result
+
+    def predict_case_in_process(self, files: List[str], ofile: str, save_probabilities: bool = False,
+                                previous_stage_segmentation: Optional[str] = None) -> None:
+        """One case without worker processes (nnU-Net's ``predict_from_files_sequential``): writes
+        ``ofile`` + file ending (and ``.npz``/``.pkl`` with ``save_probabilities``) and, for a model
+        with case-level heads, ``ofile.json``. An exception concerns this case alone."""
+        self.last_case = None
+        self.predict_from_files_sequential([list(files)], [ofile], save_probabilities=save_probabilities,
+                                           overwrite=True,
+                                           folder_with_segs_from_prev_stage=None if previous_stage_segmentation is None
+                                           else os.path.dirname(previous_stage_segmentation))
+        if self.case_heads:
+            self._write_case_json(ofile, self.last_case, self.dataset_json["file_ending"])
 
 
 def write_case_json(path: str, result: CaseCharacterization) -> None:
@@ -252,13 +271,19 @@ def write_case_json(path: str, result: CaseCharacterization) -> None:
         json.dump(result.to_json(), f, indent=2)
 
 
-def write_characterization_csv(path: str, results: List[CaseCharacterization]) -> None:
-    """One row per case; rows of cases already in an existing table (continued predictions) are kept."""
-    rows = {}
+def write_characterization_csv(path: str, results: List[CaseCharacterization], drop: Iterable[str] = ()) -> None:
+    """One row per case; rows of cases already in an existing table (continued predictions) are kept,
+    except those of the cases in ``drop`` (cases whose prediction failed: their files are gone)."""
+    rows, old_fields = {}, None
     if os.path.isfile(path):
         with open(path, newline="") as f:
-            rows = {row["case"]: row for row in csv.DictReader(f)}
+            reader = csv.DictReader(f)
+            rows = {row["case"]: row for row in reader}
+            old_fields = reader.fieldnames
+    dropped = [c for c in drop if rows.pop(c, None) is not None]
     if not results:
+        if dropped:
+            _write_rows(path, old_fields, rows)
         return
     classes, phases = results[0].classes, results[0].phases
     curve = results[0].enhancement_curve
@@ -272,6 +297,10 @@ def write_characterization_csv(path: str, results: List[CaseCharacterization]) -
         rows[r.case] = row
     fields = ["case", "predicted_class", *[f"prob_{c}" for c in classes], "lesion_detected", "lesion_voxels",
               "aggregation", *curve_names]
+    _write_rows(path, fields, rows)
+
+
+def _write_rows(path: str, fields: List[str], rows: dict) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -4,6 +4,14 @@ Same options as ``nnUNetv2_predict`` (-i -o -d -c -p -tr -f -chk -step_size --di
 segmentations are nnU-Net's own, and next to each ``CASE.nii.gz`` comes ``CASE.json`` (class
 probabilities and predicted class, the enhancement curve where the method has one), plus
 ``characterization.csv`` for the folder. Folds are averaged like the segmentation.
+
+What it adds to ``nnUNetv2_predict`` for bad input (``inference/inputs.py`` lists what nnU-Net does
+with each defect): every case is checked before nnU-Net sees it; a case with a missing or extra
+channel file, an unreadable file, phases on different grids or NaN/inf voxels is reported with
+its file and left out, its stale outputs of an earlier run deleted, and the other cases are
+predicted. Outputs are staged and moved into ``-o`` whole (``inference/batch.py``), so a failure
+inside nnU-Net costs that case alone and leaves no partial file. Exit status 1 when any case was
+not predicted, with the list of those cases.
 """
 from __future__ import annotations
 
@@ -75,11 +83,103 @@ def _no_model_error(args, dataset_name: str, did: int, dataset_results, model_na
                      f"({where})", f"nnUNetv2_train {did} {args.c} FOLD -tr {args.tr} -p {args.p}")
 
 
-def _predict(args: argparse.Namespace) -> int:
-    model_folder, folds = _check_model(args)
+def _cases_to_predict(args: argparse.Namespace, dataset_json: dict):
+    """The input check (no torch): ``(check, skipped)`` where ``skipped`` are the cases left alone
+    because ``--continue_prediction`` found their output. Bad cases are reported here, and their
+    stale outputs from an earlier run are deleted."""
+    import sys
 
+    from nnunet_liver_ext.errors import UserError
+    from nnunet_liver_ext.inference.batch import remove_case_outputs
+    from nnunet_liver_ext.inference.inputs import check_input_folder, group_channel_files
+
+    ending = dataset_json["file_ending"]
+    grouped, stray = group_channel_files(args.i, ending)
+    if not grouped:
+        found = f" ({len(stray)} without the _0000 channel suffix)" if stray else ""
+        raise UserError(f"no image files of nnU-Net's form CASE_0000{ending} in {args.i}{found}",
+                        "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
+    cases = sorted(grouped)
+    skipped = []
+    if args.continue_prediction:
+        def done(case):
+            stem = os.path.join(args.o, case)
+            return os.path.isfile(stem + ending) and (not args.save_probabilities or os.path.isfile(stem + ".npz"))
+        skipped = [c for c in cases if done(c)]
+        cases = [c for c in cases if c not in skipped]
+        if skipped:
+            print(f"--continue_prediction: {len(skipped)} case(s) already predicted in {args.o}, not checked again")
+    check = check_input_folder(args.i, dataset_json, cases=cases, prev_stage_folder=args.prev_stage_predictions)
+    for path in check.stray_files:
+        print(f"warning: {path} is not named CASE_XXXX{ending} (nnU-Net's channel suffix); not predicted",
+              file=sys.stderr)
+    for case in check.bad:
+        for problem in case.problems:
+            print(f"nnunet-liver predict: input error: {problem}", file=sys.stderr)
+        for path in remove_case_outputs(args.o, case.case, ending):
+            print(f"  removed {path} (an earlier prediction of {case.case}: it would not match this input)",
+                  file=sys.stderr)
+    if check.bad:
+        print(f"{len(check.bad)} of {len(check.cases)} case(s) fail the input check and are left out; "
+              f"predicting the other {len(check.good)}", file=sys.stderr)
+    return check, skipped
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    model_folder, folds = _check_model(args)
+    if args.device == "cuda":  # before reading any image: a wrong device is the whole run's mistake
+        import torch
+
+        if not torch.cuda.is_available():
+            from nnunet_liver_ext.errors import UserError
+
+            raise UserError("-device cuda (the default), but torch finds no CUDA GPU on this machine", "-device cpu")
+    dataset_json_path = os.path.join(model_folder, "dataset.json")
+    if not os.path.isfile(dataset_json_path):
+        from nnunet_liver_ext.errors import UserError
+
+        raise UserError(f"{model_folder} has no dataset.json (nnUNetv2_train writes it there): not a complete "
+                        f"nnU-Net model folder", "train the model again, or copy the dataset's dataset.json there")
+    with open(dataset_json_path) as f:
+        dataset_json = json.load(f)
+    os.makedirs(args.o, exist_ok=True)
+    check, skipped = _cases_to_predict(args, dataset_json)
+    failed = {c.case: "; ".join(f"{os.path.basename(p.path)} {p.message.split(';')[0]}" for p in c.problems)
+              for c in check.bad}
+    predicted, written = [], []
+    if check.good:
+        result, written = _run_predictor(args, model_folder, folds, check.good)
+        failed.update(result.failed)
+        predicted = result.predicted
+    # the folder's table: this run's cases replace their rows, failed cases lose theirs, others stay
+    # (characterization.CSV_NAME; that module imports torch, not needed when nothing was predicted)
+    results = [r for r in written if r.case in predicted]
+    if results or (failed and os.path.isfile(os.path.join(args.o, "characterization.csv"))):
+        from nnunet_liver_ext.inference.characterization import CSV_NAME, write_characterization_csv
+
+        write_characterization_csv(os.path.join(args.o, CSV_NAME), results, drop=failed)
+    if failed:
+        from nnunet_liver_ext.errors import UserError
+
+        total = len(check.cases)
+        lines = "\n".join(f"  {case}: {why}" for case, why in sorted(failed.items()))
+        raise UserError(f"{len(failed)} of {total} case(s) were not predicted (the other {total - len(failed)} are in "
+                        f"{args.o}; nothing is left there for the failed ones):\n{lines}",
+                        "fix these cases' files (the messages above name each file) and rerun with "
+                        "--continue_prediction to predict only them")
+    print(f"\nnnunet-liver predict: {len(predicted)} case(s) predicted into {args.o}"
+          + (f", {len(skipped)} already there" if skipped else ""))
+    return 0
+
+
+def _run_predictor(args: argparse.Namespace, model_folder: str, folds: list, cases):
+    """Loads the model and predicts the checked cases; ``(BatchResult, the CaseCharacterization of
+    every CASE.json written; empty when the model has no case-level heads)``."""
     import torch
 
+    from nnunet_liver_ext.inference.batch import predict_cases
     from nnunet_liver_ext.inference.characterization import CharacterizationPredictor
     from nnunet_liver_ext.paths import TRAINERS_DIR, points_at_our_trainers
 
@@ -87,16 +187,11 @@ def _predict(args: argparse.Namespace) -> int:
     if not points_at_our_trainers():
         current = os.environ.get("nnUNet_extTrainer")
         os.environ["nnUNet_extTrainer"] = f"{current}{os.pathsep}{TRAINERS_DIR}" if current else str(TRAINERS_DIR)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        from nnunet_liver_ext.errors import UserError
-
-        raise UserError("-device cuda (the default), but torch finds no CUDA GPU on this machine", "-device cpu")
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     elif args.device == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    os.makedirs(args.o, exist_ok=True)
     predictor = CharacterizationPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                           use_mirroring=not args.disable_tta,
                                           perform_everything_on_device=not args.not_on_device,
@@ -104,11 +199,10 @@ def _predict(args: argparse.Namespace) -> int:
                                           verbose_preprocessing=args.verbose,
                                           allow_tqdm=not args.disable_progress_bar)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
-    predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
-                                 overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
-                                 num_processes_segmentation_export=args.nps,
-                                 folder_with_segs_from_prev_stage=args.prev_stage_predictions)
-    return 0
+    result = predict_cases(predictor, cases, args.o, save_probabilities=args.save_probabilities,
+                           num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+                           prev_stage_folder=args.prev_stage_predictions)
+    return result, predictor.written_results
 
 
 def register(subparsers) -> None:
@@ -116,7 +210,11 @@ def register(subparsers) -> None:
         "predict", help="nnUNetv2_predict plus CASE.json characterization per case",
         description="Runs nnU-Net's prediction with the same options as nnUNetv2_predict and also writes, next to "
                     "each CASE.nii.gz, CASE.json with class probabilities and the predicted class (averaged over "
-                    "folds; patch heads weighted by predicted lesion mass), and characterization.csv.")
+                    "folds; patch heads weighted by predicted lesion mass), and characterization.csv. Every case "
+                    "is checked first (missing or extra channel files, unreadable files, phases on different "
+                    "grids, NaN/inf voxels): a bad case is reported with its file and left out, the others are "
+                    "predicted, and the exit status is 1 when any case was not predicted. No partial output "
+                    "file is ever left in -o.")
     p.add_argument("-i", required=True, help="input folder (nnU-Net raw naming: CASE_0000.nii.gz, ...)")
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-d", required=True, help="dataset id or name")

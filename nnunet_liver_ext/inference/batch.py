@@ -1,0 +1,168 @@
+"""Predicting a list of checked cases so that a failure costs one case and never leaves a partial file.
+
+nnU-Net writes each ``CASE.nii.gz`` straight into the output folder from an export worker. When
+anything fails in the middle of a run, nnU-Net stops: the cases after it are not predicted, and the
+export pool is terminated, possibly in the middle of writing a file; ``--continue_prediction``
+would then take that half-written file for a finished case.
+
+Here every output is written into a private staging folder inside the output folder first
+(``.nnunet-liver-partial-<pid>-*``, same file system) and moved into place with ``os.replace``
+only once the case's files are complete and its segmentation reads back. The cases go through
+nnU-Net's own parallel pipeline (``predict_from_files``) in one run; if that run fails, each case
+is predicted again on its own in this process (``CharacterizationPredictor.predict_case_in_process``),
+so only the case that fails again is lost, with its error. The staging folder is removed at the end,
+also after Ctrl-C; one left by a killed process is removed by the next run in the same folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from nnunet_liver_ext.inference.inputs import CaseInput
+
+STAGING_PREFIX = ".nnunet-liver-partial-"
+# what nnU-Net writes into an output folder besides the cases: kept from the last run
+RUN_FILES = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
+
+
+def case_output_files(output_folder: str, case: str, file_ending: str) -> List[str]:
+    """Every file ``nnunet-liver predict`` may write for one case: segmentation, CASE.json,
+    probabilities (.npz) and their properties (.pkl)."""
+    stem = os.path.join(output_folder, case)
+    return [stem + file_ending, stem + ".json", stem + ".npz", stem + ".pkl"]
+
+
+def remove_case_outputs(output_folder: str, case: str, file_ending: str) -> List[str]:
+    """Deletes the outputs of ``case`` in ``output_folder`` (stale files of an earlier run of a case
+    that failed now); returns the paths removed."""
+    removed = []
+    for path in case_output_files(output_folder, case, file_ending):
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_abandoned_staging(output_folder: str) -> None:
+    """Staging folders of runs whose process is gone (killed: its ``finally`` never ran)."""
+    if not os.path.isdir(output_folder):
+        return
+    for name in os.listdir(output_folder):
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        pid_text = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(os.path.join(output_folder, name), ignore_errors=True)
+
+
+@dataclass
+class BatchResult:
+    """``predicted``: cases whose files are now in the output folder; ``failed``: case -> why not."""
+    predicted: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+    batch_error: Optional[str] = None  # why nnU-Net's parallel run stopped, when it did
+
+
+def _error_text(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    where = traceback.extract_tb(error.__traceback__)
+    place = f" (in {os.path.basename(where[-1].filename)}:{where[-1].lineno})" if where else ""
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}{place}"
+
+
+def _incomplete(staging: str, case: str, file_ending: str, with_json: bool, save_probabilities: bool) -> Optional[str]:
+    """Why the staged outputs of ``case`` are not a finished prediction, or None when they are."""
+    import SimpleITK as sitk
+
+    stem = os.path.join(staging, case)
+    needed = [stem + file_ending] + ([stem + ".json"] if with_json else []) + \
+             ([stem + ".npz", stem + ".pkl"] if save_probabilities else [])
+    missing = [os.path.basename(p) for p in needed if not os.path.isfile(p)]
+    if missing:
+        return f"nnU-Net did not write {', '.join(missing)}"
+    try:
+        sitk.ReadImage(stem + file_ending)
+    except RuntimeError as e:
+        return f"the segmentation nnU-Net wrote does not read back: {str(e).strip().splitlines()[-1]}"
+    return None
+
+
+def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, save_probabilities: bool = False,
+                  num_processes_preprocessing: int = 1, num_processes_segmentation_export: int = 1,
+                  parallel: bool = True, prev_stage_folder: Optional[str] = None) -> BatchResult:
+    """Predicts ``cases`` (already checked) into ``output_folder`` with an initialised
+    ``CharacterizationPredictor``. ``parallel``: nnU-Net's worker pipeline first (what
+    ``nnUNetv2_predict`` does), then one case at a time for the cases it did not finish; False:
+    one case at a time from the start (no worker processes to spawn: cheaper for a few small cases)."""
+    ending = predictor.dataset_json["file_ending"]
+    with_json = bool(predictor.case_heads)
+    os.makedirs(output_folder, exist_ok=True)
+    remove_abandoned_staging(output_folder)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_folder)
+    result = BatchResult()
+    try:
+        todo = list(cases)
+        if parallel and todo:
+            try:
+                predictor.predict_from_files([c.files for c in todo], [os.path.join(staging, c.case) for c in todo],
+                                             save_probabilities=save_probabilities, overwrite=True,
+                                             num_processes_preprocessing=num_processes_preprocessing,
+                                             num_processes_segmentation_export=num_processes_segmentation_export,
+                                             folder_with_segs_from_prev_stage=prev_stage_folder)
+            except Exception as e:  # noqa: BLE001 - any failure: retry case by case below
+                result.batch_error = _error_text(e)
+                print(f"\nnnU-Net's run over {len(todo)} cases stopped ({result.batch_error}); predicting the "
+                      f"cases one at a time so that only a failing case is lost")
+                for c in todo:
+                    for path in case_output_files(staging, c.case, ending):
+                        if os.path.isfile(path):
+                            os.remove(path)
+            else:
+                todo = [c for c in todo if _incomplete(staging, c.case, ending, with_json, save_probabilities)]
+        if not parallel or result.batch_error is not None:
+            for c in todo:
+                ofile = os.path.join(staging, c.case)
+                previous = os.path.join(prev_stage_folder, c.case + ending) if prev_stage_folder else None
+                try:
+                    predictor.predict_case_in_process(c.files, ofile, save_probabilities, previous)
+                except Exception as e:  # noqa: BLE001 - the error is this case's, reported with it
+                    result.failed[c.case] = f"prediction failed: {_error_text(e)}"
+                    for path in case_output_files(staging, c.case, ending):
+                        if os.path.isfile(path):
+                            os.remove(path)
+        for c in cases:
+            if c.case in result.failed:
+                continue
+            why = _incomplete(staging, c.case, ending, with_json, save_probabilities)
+            if why is not None:
+                result.failed[c.case] = why
+                continue
+            for staged, final in zip(case_output_files(staging, c.case, ending),
+                                     case_output_files(output_folder, c.case, ending)):
+                if os.path.isfile(staged):
+                    os.replace(staged, final)
+                elif os.path.isfile(final):  # e.g. an old .npz when this run saves no probabilities
+                    os.remove(final)
+            result.predicted.append(c.case)
+        for name in RUN_FILES:
+            if os.path.isfile(os.path.join(staging, name)):
+                os.replace(os.path.join(staging, name), os.path.join(output_folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for case in result.failed:
+        remove_case_outputs(output_folder, case, ending)
+    return result
