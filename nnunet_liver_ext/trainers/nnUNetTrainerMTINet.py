@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nnunet_liver_ext.losses.case_losses import masked_bce_with_logits, masked_l1
+from nnunet_liver_ext.losses.case_losses import masked_bce_with_logits, masked_l1, samples_over_ranks
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.networks.mti_net import MTINet, masked_phase_means
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
@@ -199,14 +199,12 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         d_fake = discriminator(pairs["fake_curve"].detach(), pairs["fake_probs"].detach())
         loss = 0.5 * (masked_bce_with_logits(d_real, True, mask) + masked_bce_with_logits(d_fake, False, mask))
         loss.backward()
-        kept = mask.sum().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             for p in discriminator.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= world
-            dist.all_reduce(kept)
-        if kept.item() > 0:  # every rank takes the same decision (kept is summed over ranks)
+        if samples_over_ranks(mask).item() > 0:  # the same decision on every rank (the count is over all ranks)
             self.discriminator_optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach().cpu().numpy()
