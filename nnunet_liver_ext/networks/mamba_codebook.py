@@ -119,7 +119,9 @@ class VectorQuantizer(nn.Module):
     with ``dead_code_restart``, a code whose running share of assignments (EMA with
     ``usage_decay``) fell below ``restart_threshold / num_codes`` is moved onto a random feature
     vector of the current batch. Under DDP the initialisation and restarts come from rank 0, so
-    the replicas' codebooks stay equal.
+    the replicas' codebooks stay equal. All of it is branch-free tensor code (no host sync, no graph
+    break under ``torch.compile``): every training step draws ``num_codes`` candidate vectors and
+    keeps those of the codes to replace.
     """
 
     def __init__(self, channels: int, num_codes: int = 64, beta: float = 0.25, dead_code_restart: bool = False,
@@ -139,14 +141,21 @@ class VectorQuantizer(nn.Module):
         self.codes = nn.Parameter(torch.randn(num_codes, channels))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("usage_ema", torch.full((num_codes,), 1.0 / num_codes))
-        # per-epoch counters: a plain attribute, not a buffer (not part of the model, and DDP's buffer
-        # broadcast from rank 0 would overwrite the other ranks' counts every step)
-        self.counts = torch.zeros(num_codes, dtype=torch.float64)
-        self.restarted = 0
+        # per-epoch counters: plain int64 attributes, not buffers (not part of the model, and DDP's buffer
+        # broadcast from rank 0 would overwrite the other ranks' counts every step); ``_apply`` moves them
+        # with the module, and they are updated in place so a compiled forward keeps no stale copy
+        self.counts = torch.zeros(num_codes, dtype=torch.int64)
+        self.restarted = torch.zeros((), dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return f"num_codes={self.num_codes}, channels={self.channels}, beta={self.beta}, " \
                f"dead_code_restart={self.dead_code_restart}"
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # integer tensors: .half() / .float() leave them alone, .to(device) / .cuda() move them
+        self.counts, self.restarted = fn(self.counts), fn(self.restarted)
+        return self
 
     @staticmethod
     def _from_rank0(tensor: torch.Tensor) -> None:
@@ -154,31 +163,25 @@ class VectorQuantizer(nn.Module):
             torch.distributed.broadcast(tensor, 0)
 
     @torch.no_grad()
-    def _sample_features(self, flat: torch.Tensor, n: int) -> torch.Tensor:
-        index = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+    def _maintain(self, flat: torch.Tensor) -> None:
+        """Codes not yet initialised, or dead (with ``dead_code_restart``), move onto random feature
+        vectors of ``flat`` ``(N, C)``; chosen with ``torch.where``, not ``if``, so it never syncs."""
+        k = self.num_codes
+        replace = ~self.initialized.expand(k)
+        if self.dead_code_restart:
+            replace = replace | (self.usage_ema < self.restart_threshold / k)
+        index = torch.randint(0, flat.shape[0], (k,), device=flat.device)
         picked = flat[index].float()
         # a little noise, so codes drawn from one vector (few tokens) still differ
-        return picked + 1e-3 * picked.std().clamp_min(1e-6) * torch.randn_like(picked)
-
-    @torch.no_grad()
-    def _maintain(self, flat: torch.Tensor) -> None:
-        if not bool(self.initialized):
-            new = self._sample_features(flat, self.num_codes)
-            self._from_rank0(new)
-            self.codes.data.copy_(new.to(self.codes.dtype))
-            self.initialized.fill_(True)
-            return
-        if self.dead_code_restart:
-            dead = (self.usage_ema < self.restart_threshold / self.num_codes).to(torch.uint8)
-            self._from_rank0(dead)
-            dead = dead.bool()
-            n_dead = int(dead.sum())
-            if n_dead:
-                new = self._sample_features(flat, n_dead)
-                self._from_rank0(new)
-                self.codes.data[dead] = new.to(self.codes.dtype)
-                self.usage_ema[dead] = 1.0 / self.num_codes
-                self.restarted += n_dead
+        new = picked + 1e-3 * picked.std().clamp_min(1e-6) * torch.randn_like(picked)
+        # one broadcast carries rank 0's candidates and its choice of codes to replace
+        packed = torch.cat((new, replace.float()[:, None]), 1)
+        self._from_rank0(packed)
+        new, replace = packed[:, :-1], packed[:, -1] > 0.5
+        self.restarted.add_((replace & self.initialized).sum())  # a restart, not the first initialisation
+        self.codes.copy_(torch.where(replace[:, None], new.to(self.codes.dtype), self.codes))
+        self.usage_ema.copy_(torch.where(replace, torch.full_like(self.usage_ema, 1.0 / k), self.usage_ema))
+        self.initialized.fill_(True)
 
     def distances(self, flat: torch.Tensor) -> torch.Tensor:
         """Squared distances ``(N, K)`` of feature vectors ``(N, C)`` to the codes, fp32 (eq. 1)."""
@@ -199,8 +202,9 @@ class VectorQuantizer(nn.Module):
             z_st = flat + (z_q - flat).detach()
             if self.training:
                 with torch.no_grad():
-                    counts = torch.bincount(indices, minlength=self.num_codes)
-                    self.counts = self.counts.to(counts.device) + counts.double()
+                    # index_add_, not bincount: its output size does not depend on the data
+                    counts = torch.zeros_like(self.counts).index_add_(0, indices, torch.ones_like(indices))
+                    self.counts.add_(counts)
                     share = counts.float() / max(1, indices.numel())
                     self.usage_ema.mul_(self.usage_decay).add_((1 - self.usage_decay) * share)
         z_st = z_st.view(z.shape[0], *z.shape[2:], self.channels).movedim(-1, 1).to(z.dtype)
@@ -213,17 +217,16 @@ class VectorQuantizer(nn.Module):
         (never assigned), ``assignments`` and ``restarted`` codes. Summed over DDP ranks."""
         counts = self.counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            counts = counts.to(self.codes.device)  # NCCL reduces CUDA tensors
-            torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
+            torch.distributed.all_reduce(counts)  # on the module's device, which NCCL needs
+        counts = counts.double().cpu()
         total = float(counts.sum())
         p = counts / max(total, 1.0)
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum()) if total > 0 else 0.0
         stats = {"perplexity": math.exp(entropy) if total > 0 else 0.0, "used_codes": int((counts > 0).sum()),
-                 "dead_codes": int((counts == 0).sum()), "assignments": int(total), "restarted": self.restarted}
+                 "dead_codes": int((counts == 0).sum()), "assignments": int(total), "restarted": int(self.restarted)}
         if reset:
-            self.counts = torch.zeros_like(self.counts)
-            self.restarted = 0
+            self.counts.zero_()
+            self.restarted.zero_()
         return stats
 
 

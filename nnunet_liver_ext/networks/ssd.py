@@ -63,13 +63,27 @@ def mamba_ssm_scan():
     return mamba_chunk_scan_combined
 
 
+@torch.compiler.assume_constant_result
+def mamba_ssm_available() -> bool:
+    """Whether mamba-ssm's scan imports; a constant to ``torch.compile`` (the import attempt is no graph)."""
+    return mamba_ssm_scan() is not None
+
+
+@torch.compiler.disable
+def mamba_ssm_chunk_scan(*args, **kwargs) -> torch.Tensor:
+    """``mamba_chunk_scan_combined`` kept outside a compiled graph: its kernels are fused already, and
+    whether dynamo traces mamba-ssm's autotuned Triton launches depends on the mamba-ssm and torch
+    versions (not verified on a GPU here); the rest of the network compiles around it."""
+    return mamba_ssm_scan()(*args, **kwargs)
+
+
 def resolve_backend(device: torch.device, requested: str = "auto") -> str:
     """The backend a block with ``backend=requested`` uses for inputs on ``device``."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch"
-    available = torch.device(device).type == "cuda" and mamba_ssm_scan() is not None
+    available = torch.device(device).type == "cuda" and mamba_ssm_available()
     if requested == "mamba_ssm" and not available:
         raise RuntimeError("backend='mamba_ssm' needs CUDA inputs and an importable mamba-ssm "
                            "(pip install --no-build-isolation mamba-ssm)")
@@ -85,6 +99,8 @@ def describe_backend(device: torch.device, requested: str = "auto") -> str:
 
 
 def _log_backend_once(device: torch.device, requested: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # logging breaks a compiled graph; the eager forward and the trainer's log say it
     key = (torch.device(device).type, requested)
     if key not in _logged_backends:
         _logged_backends.add(key)
@@ -265,9 +281,9 @@ class Mamba2SSD(nn.Module):
         with autocast_off(u.device.type):
             A = -torch.exp(self.A_log.float())
             if backend == "mamba_ssm":
-                y = mamba_ssm_scan()(x.float().contiguous(), dt.float().contiguous(), A, B.float().contiguous(),
-                                     C.float().contiguous(), chunk_size=self.chunk_size, D=self.D.float(),
-                                     dt_bias=self.dt_bias.float(), dt_softplus=True)
+                y = mamba_ssm_chunk_scan(x.float().contiguous(), dt.float().contiguous(), A, B.float().contiguous(),
+                                         C.float().contiguous(), chunk_size=self.chunk_size, D=self.D.float(),
+                                         dt_bias=self.dt_bias.float(), dt_softplus=True)
             else:
                 dt = F.softplus(dt.float() + self.dt_bias.float())
                 y, _ = ssd_chunked(x.float(), dt, A, B.float(), C.float(), self.chunk_size, D=self.D)
