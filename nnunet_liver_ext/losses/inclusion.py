@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunet_liver_ext.networks.ssd import autocast_off
+from nnunet_liver_ext.networks.blocks import autocast_off
 
 
 def eroded_region_probability(probability: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:

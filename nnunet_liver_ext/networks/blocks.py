@@ -6,6 +6,7 @@ phase (time) axis of multiphase inputs laid out as ``(B, N, C, *S)``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Type, Union
 
 import numpy as np
@@ -38,6 +39,14 @@ def build_encoder(input_channels: int, arch_kwargs: dict) -> Union[PlainConvEnco
         raise ValueError("plans arch_kwargs need n_conv_per_stage (PlainConvUNet) or n_blocks_per_stage (ResEnc)")
     return PlainConvEncoder(input_channels=input_channels, n_conv_per_stage=arch_kwargs["n_conv_per_stage"],
                             return_skips=True, **common)
+
+
+def autocast_off(device_type: str):
+    """A region that runs in the tensors' own dtype whatever autocast does (fp32 scans, norms, distances);
+    a no-op on devices without autocast (e.g. ``meta``, used for FLOP counting)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def spatial_dims(conv_op: Type[_ConvNd]) -> int:

@@ -41,9 +41,9 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import build_encoder, encoder_skip_sizes, numel, spatial_dims
+from nnunet_liver_ext.networks.blocks import autocast_off, build_encoder, encoder_skip_sizes, numel, spatial_dims
 from nnunet_liver_ext.networks.contract import NetworkOutput
-from nnunet_liver_ext.networks.ssd import Mamba2SSD, autocast_off
+from nnunet_liver_ext.networks.ssd import Mamba2SSD
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
 GFR_KINDS = ("mamba", "mhsa", None)

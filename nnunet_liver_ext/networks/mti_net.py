@@ -45,17 +45,12 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import (AttentionPool, build_encoder, encoder_skip_sizes, lesion_log_prior,
-                                              lesion_probability, numel, spatial_dims)
+from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_encoder, encoder_skip_sizes,
+                                              lesion_log_prior, lesion_probability, numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
 MDIEF_MODES = ("full", "none", "no_spectral", "no_spatial")
-
-
-def _fp32(device_type: str):
-    """A region where autocast is off: FFTs and softmaxes that need fp32 run there."""
-    return torch.autocast(device_type, enabled=False)
 
 
 class HighPassFilter(nn.Module):
@@ -85,7 +80,7 @@ class HighPassFilter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(-self.spatial_dims, 0))
         size = x.shape[-self.spatial_dims:]
-        with _fp32(x.device.type):
+        with autocast_off(x.device.type):
             spectrum = torch.fft.rfftn(x.float(), dim=dims)
             filtered = torch.fft.irfftn(spectrum * self.transfer_function(size, x.device), s=size, dim=dims)
         return filtered.to(x.dtype)
@@ -119,7 +114,7 @@ class MdIEF(nn.Module):
     @staticmethod
     def domain_weights(x_spa: torch.Tensor, x_spe: torch.Tensor) -> torch.Tensor:
         """``(M, 2, C)`` softmax over the domains (spatial, spectral) of the channels' GAP; fp32."""
-        with _fp32(x_spa.device.type):
+        with autocast_off(x_spa.device.type):
             pooled = torch.stack((x_spa.float().flatten(2).mean(-1), x_spe.float().flatten(2).mean(-1)), 1)
             return torch.softmax(pooled, dim=1)
 
@@ -179,7 +174,7 @@ class TaskDrivenDiscriminator(nn.Module):
         self.out = nn.Linear(embed_dim, 1)
 
     def forward(self, curve: torch.Tensor, class_probabilities: torch.Tensor) -> torch.Tensor:
-        with _fp32(curve.device.type):
+        with autocast_off(curve.device.type):
             curve, probs = curve.float(), class_probabilities.float()
             tokens = torch.cat((curve.unsqueeze(-1), probs.unsqueeze(1).expand(-1, curve.shape[1], -1)), -1)
             return self.out(self.encoder(tokens).mean(1)).squeeze(-1)
@@ -195,7 +190,7 @@ def masked_phase_means(image: torch.Tensor, weight: torch.Tensor, channels_per_p
     """
     if image.shape[1] % channels_per_phase:
         raise ValueError(f"{image.shape[1]} channels are not a multiple of channels_per_phase={channels_per_phase}")
-    with _fp32(image.device.type):
+    with autocast_off(image.device.type):
         w = weight.float().flatten(2)  # (B, 1, V)
         sums = (image.float().flatten(2) * w).sum(-1)  # (B, C)
         means = sums / (w.sum(-1) + eps)

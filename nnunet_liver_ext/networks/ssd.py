@@ -28,7 +28,6 @@ run in fp32 (U-Mamba users hit NaN losses with an fp16 scan).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -38,17 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_liver_ext.networks.blocks import autocast_off
+
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "mamba_ssm")
 _logged_backends: set = set()
-
-
-def autocast_off(device_type: str):
-    """A region that runs in the tensors' own dtype whatever autocast does (fp32 scans, norms, distances);
-    a no-op on devices without autocast (e.g. ``meta``, used for FLOP counting)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
