@@ -10,7 +10,9 @@ merges into what an earlier call left there, so a run may be split over several 
   (``nnUNetPlans``, 3d_fullres preprocessed) and every network's VRAM-aware plans
   (``trainer_plans.planners``, ``nnUNetPlans_<Net>``, which reuse nnU-Net's preprocessed data).
 - ``flops``: parameters, and forward FLOPs (``torch.utils.flop_counter``) of the inference network
-  (deep supervision off) at the common patch, batch 1, on the benchmark's device.
+  (deep supervision off) at the common patch, batch 1, on the benchmark's device; and a training step's
+  FLOPs by part (forward and backward, deep supervision and heads on). ``--device meta`` counts them at
+  any size without computing anything.
 - ``timing``: seconds per ``trainer.train_step`` (forward, loss, backward, optimiser step; nnU-Net's fp16
   AMP and grad scaler on CUDA) on ONE batch from nnU-Net's own data loader, drawn once and cached, the
   same for every trainer, at the common configuration: stock nnU-Net's 3d_fullres plans (patch and
@@ -28,7 +30,9 @@ merges into what an earlier call left there, so a run may be split over several 
   mirroring, one patch at a time, fp16 autocast on CUDA) of one random 3-phase case of ``--case-shape``
   (224^3 by default) with each trainer's inference network; median of 2 runs after a warm-up.
 - ``report``: ``DIR/performance.json`` and ``DIR/performance.md`` from the parts.
-- ``all``: data flops timing inference report.
+- ``profile``: each trainer's eager train step on the same batch under ``torch.profiler``, time and FLOPs by
+  part of the network, forward and backward (``benchmarks/step_profile.py``): where the time goes.
+- ``all``: data flops timing profile inference report.
 
 Sizes: the default is the GPU size (phantom 12 cases of 96x192x192, nnU-Net's plans for an 8 GB target,
 20 timed iterations after 3 warm-up ones, a 224^3 case). ``--small`` is the CPU size (5 cases of
@@ -47,7 +51,7 @@ one call per line below (each stays under the 10-minute limit of a call; the mac
     bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainer nnUNetTrainerSTDNet
     bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainerDynTransNet nnUNetTrainerMambaCodebook
     bash benchmarks/performance_gpu.sh timing --modes compiled --amp-iterations 200 --trainers nnUNetTrainerMTINet
-    bash benchmarks/performance_gpu.sh report
+    bash benchmarks/performance_gpu.sh profile report
 
 then copy the returned ``performance.json``, ``performance.md`` and ``parts/`` to
 ``benchmarks/results/performance_gpu/``.
@@ -71,6 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import forward_flops, sliding_window_seconds, timed_train_steps  # noqa: E402
+from step_profile import network_part_flops, profile_train_step  # noqa: E402
 
 DATASET_ID = 951
 DATASET_NAME = f"Dataset{DATASET_ID}_PhantomPerformance"
@@ -191,7 +196,7 @@ def step_data(args, size: dict) -> dict:
     return {}
 
 
-def _inference_network(name: str, plans: dict, dataset_json: dict):
+def _inference_network(name: str, plans: dict, dataset_json: dict, deep_supervision: bool = False):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_liver_ext.trainer_plans.planners import find_trainer_class
@@ -206,7 +211,7 @@ def _inference_network(name: str, plans: dict, dataset_json: dict):
     seed_everything()
     network = trainer_class.build_network_architecture(plans_manager, configuration_manager,
                                                        len(dataset_json["channel_names"]),
-                                                       label_manager.num_segmentation_heads, False)
+                                                       label_manager.num_segmentation_heads, deep_supervision)
     return network, plans_manager, configuration_manager
 
 
@@ -220,6 +225,12 @@ def step_flops(args, size: dict) -> dict:
         flops, _ = forward_flops(network, (1, len(dataset_json["channel_names"]), *patch), args.device)
         results[name] = {"parameters": int(sum(p.numel() for p in network.parameters())), "forward_flops": flops,
                          "patch_size": patch}
+        del network
+        # a training step's FLOPs by part: deep supervision and heads on, forward and backward, one sample
+        network, _, _ = _inference_network(name, plans, dataset_json, deep_supervision=True)
+        network = network.to(args.device)
+        results[name]["train_flops_by_part"] = network_part_flops(
+            network, (1, len(dataset_json["channel_names"]), *patch), args.device, heads=name != BASELINE)
         print(name, results[name], flush=True)
         del network
     return results
@@ -333,6 +344,25 @@ def step_timing(args, size: dict) -> dict:
     return results
 
 
+def step_profile(args, size: dict) -> dict:
+    """Each trainer's eager train step on the common batch under ``torch.profiler``, by part
+    (``benchmarks/step_profile.py``)."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    plans = common_plans()
+    batch = cached_batch(plans, device, "common")
+    results = {}
+    for name in args.trainers:
+        trainer = make_trainer(name, plans, device, False)
+        results[name] = profile_train_step(trainer, batch, warmup=size["warmup"])
+        print(name, "profile", {k: v for k, v in results[name].items() if k != "parts"}, flush=True)
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def step_inference(args, size: dict) -> dict:
     os.environ["nnUNet_compile"] = "f"  # eager inference, as nnUNetv2_predict runs by default
     device = torch.device(args.device)
@@ -377,7 +407,6 @@ def _ratio(value, base):
 def report_table(results: dict) -> str:
     """The Markdown table of ``performance.json``: every figure comes from the parts, ratios against stock."""
     rows = results["trainers"]
-    base = rows.get(BASELINE, {})
 
     def get(name, *keys):
         value = rows.get(name, {})
@@ -386,6 +415,15 @@ def report_table(results: dict) -> str:
         return value
 
     timing_meta = results["meta"].get("timing", {})
+    if not timing_meta and "flops" in results["meta"]:  # FLOPs only, e.g. counted at the GPU size on ``meta``
+        flops_meta = results["meta"]["flops"]
+        patch = next((r["flops"]["patch_size"] for r in rows.values() if "flops" in r), None)
+        lines = [f"# Training FLOPs: stock nnU-Net and the methods' main trainers (size: {flops_meta.get('size')})", "",
+                 f"Produced by `{'`, then `'.join(flops_meta.get('commands', [flops_meta.get('command')]))}`; torch "
+                 f"{flops_meta.get('torch')}; device `{flops_meta.get('device')}` (`meta`: shapes only, nothing "
+                 f"computed). Common configuration: stock nnU-Net's 3d_fullres plans, patch {patch}. No timing in "
+                 f"this run."]
+        return "\n".join(lines + targets_section(results)) + "\n"
     lines = [f"# Performance: stock nnU-Net and the methods' main trainers ({timing_meta.get('device_name', '?')}; "
              f"size: {timing_meta.get('size', '?')})", "",
              f"Produced by `{timing_meta.get('command', 'python benchmarks/performance.py')}`; torch "
@@ -455,12 +493,128 @@ def report_table(results: dict) -> str:
                      "element. The planners calibrate at the planned patch, which at this size is the benchmark's "
                      "patch, so a ratio near 1 checks the bookkeeping; tests/test_planners.py checks the calibration "
                      "at another patch.")
-    if base:
+    if get(BASELINE, "inference", "case_shape"):
         notes.append(f"Inference: one random {get(BASELINE, 'inference', 'case_shape')} case (channels, *spatial) "
                      "with nnU-Net's sliding window (step 0.5, Gaussian, no mirroring, one patch per forward), median "
                      "of 2 runs after a warm-up. AMP check: train steps on batches of the trainer's own data loader; "
                      "'skipped' counts steps whose gradients the grad scaler found non-finite.")
-    return "\n".join(lines + [line for note in notes for line in ("", note)]) + "\n"
+    lines += [line for note in notes for line in ("", note)]
+    return "\n".join(lines + targets_section(results) + profile_section(results)) + "\n"
+
+
+def _train_flops(results: dict, name: str):
+    parts = results["trainers"].get(name, {}).get("flops", {}).get("train_flops_by_part")
+    return {part: f["forward"] + f["backward"] for part, f in parts.items()} if parts else None
+
+
+#: issue 13's speed targets, as ratios to stock nnU-Net in the same run
+STEP_TARGET, INFERENCE_TARGET, FLOPS_TARGET, MEMORY_TOLERANCE = 1.5, 2.0, 0.8, 0.2
+
+
+def targets_section(results: dict) -> list:
+    """Training FLOPs against stock (the step-time ratio a network has at stock's FLOP/s), achieved FLOP/s
+    against stock's, and issue 13's targets, each met or not with the figure and, where the FLOPs alone
+    exceed it, the part that does."""
+    rows = results["trainers"]
+    base_flops = _train_flops(results, BASELINE)
+    if not base_flops:
+        return []
+    base_total = sum(base_flops.values())
+
+    def time(name, mode, key="s_per_iteration"):
+        return rows.get(name, {}).get("timing", {}).get(mode, {}).get(key)
+
+    lines = ["", "## Against issue 13's targets", "",
+             f"Training FLOPs: one sample's training forward (deep supervision, heads) and backward at the common "
+             f"patch, counted by part (`benchmarks/step_profile.py`); their ratio to stock's is the step-time ratio a "
+             f"network has when it runs at stock's FLOP/s. FLOP/s x stock = (FLOPs x stock) / (time x stock). Targets: "
+             f"STD-Net's step <= {STEP_TARGET}x, its inference <= {INFERENCE_TARGET}x, every method's FLOP/s >= "
+             f"{FLOPS_TARGET}x, measured memory within +-{MEMORY_TOLERANCE:.0%} of the planner's estimate.", "",
+             "| trainer | training GFLOPs / sample | x stock | step x stock eager | compiled | FLOP/s x stock eager | "
+             "compiled | inference x stock |", "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for name in rows:
+        flops = _train_flops(results, name)
+        if not flops:
+            continue
+        flop_ratio = sum(flops.values()) / base_total
+        step = {m: _ratio(time(name, m), time(BASELINE, m)) for m in ("eager", "compiled")}
+        rate = {m: flop_ratio / step[m] if step[m] else None for m in step}
+        inference = _ratio(rows[name].get("inference", {}).get("seconds"),
+                           rows.get(BASELINE, {}).get("inference", {}).get("seconds"))
+        lines.append(f"| `{name}` | {_fmt(sum(flops.values()) / 1e9)} | {_fmt(flop_ratio)} | {_fmt(step['eager'])} | "
+                     f"{_fmt(step['compiled'])} | {_fmt(rate['eager'])} | {_fmt(rate['compiled'])} | {_fmt(inference)} |")
+        if name == BASELINE:
+            continue
+        # the part that adds most FLOPs over stock's part of the same name (or over nothing)
+        extra = {part: value - base_flops.get(part, 0) for part, value in flops.items()}
+        top = max(extra, key=extra.get)
+        why = (f"{top} {flops[top] / 1e9:.4g} GFLOPs vs stock's {base_flops.get(top, 0) / 1e9:.4g}, "
+               f"{extra[top] / max(1, sum(extra.values())):.0%} of the extra FLOPs")
+        for mode in ("eager", "compiled"):
+            if rate[mode] is not None:
+                verdicts.append(f"- `{name}` FLOP/s {mode}: {rate[mode]:.2f}x stock, target >= {FLOPS_TARGET}: "
+                                f"{'met' if rate[mode] >= FLOPS_TARGET else 'NOT met'}.")
+        if name == "nnUNetTrainerSTDNet":
+            for mode in ("eager", "compiled"):
+                if step[mode] is None:
+                    continue
+                met = step[mode] <= STEP_TARGET
+                reason = "" if met else (
+                    f" Out of reach at stock's FLOP/s: its training FLOPs are {flop_ratio:.2f}x stock's ({why})."
+                    if flop_ratio > STEP_TARGET else
+                    f" Its FLOPs are {flop_ratio:.2f}x stock's: the rest is time per FLOP (see the profile).")
+                verdicts.append(f"- `{name}` step {mode}: {step[mode]:.2f}x stock, target <= {STEP_TARGET}: "
+                                f"{'met' if met else 'NOT met'}.{reason}")
+            if inference is not None:
+                verdicts.append(f"- `{name}` inference: {inference:.2f}x stock, target <= {INFERENCE_TARGET}: "
+                                f"{'met' if inference <= INFERENCE_TARGET else 'NOT met'}.")
+        peak, predicted = time(name, "eager", "peak_memory_gb"), \
+            rows[name].get("timing", {}).get("memory", {}).get("predicted_gb")
+        if peak is not None and predicted:
+            within = abs(peak / predicted - 1) <= MEMORY_TOLERANCE
+            verdicts.append(f"- `{name}` memory: {peak / predicted:.2f}x the estimate, target within "
+                            f"+-{MEMORY_TOLERANCE:.0%}: {'met' if within else 'NOT met'}.")
+    lines += ["", "Training GFLOPs per sample by part (x stock's part of the same name):", ""]
+    for name in rows:
+        flops = _train_flops(results, name)
+        if flops:
+            lines.append(f"- `{name}`: " + ", ".join(
+                f"{part} {value / 1e9:.4g}" + (f" (x{value / base_flops[part]:.2f})" if base_flops.get(part) else "")
+                for part, value in sorted(flops.items(), key=lambda kv: -kv[1])))
+    return lines + ([""] + verdicts if verdicts else [])
+
+
+def profile_section(results: dict) -> list:
+    """The profiled eager step of every trainer by part, and each method's time over stock's by part."""
+    rows = {name: r["profile"] for name, r in results["trainers"].items() if r.get("profile")}
+    if not rows:
+        return []
+    basis = next(iter(rows.values()))["time_basis"]
+    lines = ["", "## Where the training step's time goes", "",
+             f"One eager `train_step` on the common batch under `torch.profiler`, every operator attributed to the "
+             f"network part that ran it, forward and backward ({basis}; `benchmarks/step_profile.py`). GFLOP/s counts "
+             f"convolutions, matrix products and attention only: a part whose work is element-wise, a norm or an FFT "
+             f"shows a low figure by construction.", "",
+             "| trainer | part | forward ms | backward ms | share | GFLOPs | GFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for name, profile in rows.items():
+        for part, r in profile["parts"].items():
+            lines.append(f"| `{name}` | {part} | {_fmt(r['forward_ms'])} | {_fmt(r['backward_ms'])} | "
+                         f"{_fmt(r['share'], 2)} | {_fmt(r['forward_gflops'] + r['backward_gflops'])} | "
+                         f"{_fmt(r['gflop_per_s'])} |")
+        lines.append(f"| `{name}` | **step** | | | | {_fmt(profile['step_gflops'])} | "
+                     f"{_fmt(profile['step_gflop_per_s'])} ({_fmt(profile['step_ms'])} ms) |")
+    base = rows.get(BASELINE)
+    if base:
+        lines += ["", "Milliseconds over stock's profiled step, by part (a part stock also has: the difference):", ""]
+        for name, profile in rows.items():
+            if name == BASELINE:
+                continue
+            extra = {part: r["total_ms"] - base["parts"].get(part, {}).get("total_ms", 0.0)
+                     for part, r in profile["parts"].items()}
+            listed = ", ".join(f"{part} {ms:+.3g}" for part, ms in sorted(extra.items(), key=lambda kv: -kv[1]))
+            lines.append(f"- `{name}`: {profile['step_ms'] - base['step_ms']:+.3g} ms in all: {listed}")
+    return lines
 
 
 def step_report(args, size: dict) -> None:
@@ -471,8 +625,8 @@ def step_report(args, size: dict) -> None:
 
 
 # ------------------------------------------------------------------ main
-STEPS = {"data": step_data, "flops": step_flops, "timing": step_timing, "inference": step_inference,
-         "report": step_report}
+STEPS = {"data": step_data, "flops": step_flops, "timing": step_timing, "profile": step_profile,
+         "inference": step_inference, "report": step_report}
 
 
 def main(argv=None) -> None:
@@ -494,7 +648,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     size = SIZES["small" if args.small else "gpu"]
     args.case_shape = tuple(args.case_shape or size["case_shape"])
-    steps = ["data", "flops", "timing", "inference", "report"] if "all" in args.steps else args.steps
+    steps = ["data", "flops", "timing", "profile", "inference", "report"] if "all" in args.steps else args.steps
     set_folders(args.work)
     args.loader_workers = 0 if args.small else max(1, (os.cpu_count() or 2) - 2)
     (args.out / "parts").mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,39 @@ def test_small_cpu_run_measures_every_trainer(tmp_path):
         memory = r["timing"]["memory"]
         assert memory["saved_activation_bytes_bf16"] / (memory["estimate_per_sample"] * per_element) == \
             pytest.approx(1, abs=0.15), name
+        # the step by part: the network's parts found, the profiled step's FLOPs those of the flops step
+        profile, train_flops = r["profile"], r["flops"]["train_flops_by_part"]
+        assert {"encoder", "decoder", "optimizer"} <= set(profile["parts"]), (name, list(profile["parts"]))
+        assert profile["parts"].get("other", {"share": 0})["share"] < 0.2, (name, profile["parts"].get("other"))
+        assert {"encoder", "decoder"} <= set(train_flops), name
     table = (out / "performance.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert "## Against issue 13's targets" in table and "## Where the training step's time goes" in table
+    rows = [line for line in table.split("## ")[0].splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == TRAINERS
     assert rows[0].split(" | ")[4] == "1"  # stock's eager ratio to itself
     assert "CPU" in table.splitlines()[0]
+
+
+def test_targets_name_the_part_that_puts_a_target_out_of_reach():
+    """The verdicts come from the figures: STD-Net at 1.9x stock's step time with 1.6x its FLOPs misses the
+    1.5x step target for its FLOPs (the encoder's, once per phase) and meets the FLOP/s target (0.84x)."""
+    def part(forward, backward):
+        return {"forward": forward, "backward": backward}
+
+    results = {"meta": {}, "trainers": {
+        "nnUNetTrainer": {"flops": {"train_flops_by_part": {"encoder": part(600, 1000), "decoder": part(1300, 2700)}},
+                          "timing": {"eager": {"s_per_iteration": 0.08, "peak_memory_gb": 5.0},
+                                     "memory": {"predicted_gb": 5.2}},
+                          "inference": {"seconds": 0.1}},
+        "nnUNetTrainerSTDNet": {"flops": {"train_flops_by_part": {
+            "encoder": part(1800, 3000), "temporal": part(10, 20), "decoder": part(1300, 2700)}},
+            "timing": {"eager": {"s_per_iteration": 0.152, "peak_memory_gb": 10.0}, "memory": {"predicted_gb": 7.0}},
+            "inference": {"seconds": 0.15}}}}
+    text = "\n".join(performance.targets_section(results))
+    flop_ratio = (4800 + 30 + 4000) / 5600
+    assert f"| `nnUNetTrainerSTDNet` | {8830 / 1e9:.3g} | {flop_ratio:.3g} | 1.9 |" in text
+    assert "`nnUNetTrainerSTDNet` step eager: 1.90x stock, target <= 1.5: NOT met. Out of reach at stock's FLOP/s: " \
+           f"its training FLOPs are {flop_ratio:.2f}x stock's (encoder" in text
+    assert f"`nnUNetTrainerSTDNet` FLOP/s eager: {flop_ratio / 1.9:.2f}x stock, target >= 0.8: met." in text
+    assert "`nnUNetTrainerSTDNet` inference: 1.50x stock, target <= 2.0: met." in text
+    assert "`nnUNetTrainerSTDNet` memory: 1.43x the estimate, target within +-20%: NOT met." in text
