@@ -542,8 +542,9 @@ def targets_section(results: dict) -> list:
         rate = {m: flop_ratio / step[m] if step[m] else None for m in step}
         inference = _ratio(rows[name].get("inference", {}).get("seconds"),
                            rows.get(BASELINE, {}).get("inference", {}).get("seconds"))
-        lines.append(f"| `{name}` | {_fmt(sum(flops.values()) / 1e9)} | {_fmt(flop_ratio)} | {_fmt(step['eager'])} | "
-                     f"{_fmt(step['compiled'])} | {_fmt(rate['eager'])} | {_fmt(rate['compiled'])} | {_fmt(inference)} |")
+        lines.append(f"| `{name}` | {_fmt(sum(flops.values()) / 1e9)} | {_fmt(flop_ratio)} | {_fmt(step['eager'])} "
+                     f"| {_fmt(step['compiled'])} | {_fmt(rate['eager'])} | {_fmt(rate['compiled'])} "
+                     f"| {_fmt(inference)} |")
         if name == BASELINE:
             continue
         # the part that adds most FLOPs over stock's part of the same name (or over nothing)
@@ -594,8 +595,8 @@ def profile_section(results: dict) -> list:
     lines = ["", "## Where the training step's time goes", "",
              f"One eager `train_step` on the common batch under `torch.profiler`, every operator attributed to the "
              f"network part that ran it, forward and backward ({basis}; `benchmarks/step_profile.py`). GFLOP/s counts "
-             f"convolutions, matrix products and attention only: a part whose work is element-wise, a norm or an FFT "
-             f"shows a low figure by construction.", "",
+             f"convolutions, matrix products and attention only: a part whose work is element-wise, a norm or an "
+             f"FFT shows a low figure by construction.", "",
              "| trainer | part | forward ms | backward ms | share | GFLOPs | GFLOP/s |", "|---|---|---|---|---|---|---|"]
     for name, profile in rows.items():
         for part, r in profile["parts"].items():
