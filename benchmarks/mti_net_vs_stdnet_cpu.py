@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PLANS = "nnUNetPlans_CPUDemo"
 METHODS = {"MTI-Net": "nnUNetTrainerMTINet", "STD-Net": "nnUNetTrainerSTDNet", "nnU-Net": "nnUNetTrainer"}
+BASELINE = "mean curve (no image)"
 
 
 def _run(cmd, env, log: Path, **extra_env) -> float:
@@ -82,6 +83,26 @@ def _score(evaluation: Path) -> dict:
     return result
 
 
+def _mean_curve_baseline(dataset: Path) -> dict:
+    """Curve MAE of predicting every held-out case's enhancement curve as the mean of the training cases'
+    curves, without looking at an image: the figure a curve head has to beat. The same MAE as ``nnunet-liver
+    evaluate`` (``evaluation.characterization.regression_metrics``)."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from nnunet_liver_ext.evaluation.characterization import regression_metrics
+
+    train = json.loads((dataset / "dataset.json").read_text())
+    test = json.loads((dataset / "test_targets.json").read_text())
+    mean_curve = np.mean([curve for curve in train["enhancement"].values()], axis=0)
+    cases = sorted(test["enhancement"])
+    true = np.array([test["enhancement"][c] for c in cases])
+    metrics = regression_metrics(true, np.repeat(mean_curve[None], len(cases), 0), train["phases"])
+    return {"trainer": "(none: mean training curve)", "train_s": None, "n_cases": len(cases), "tumor_dice_mean": None,
+            "tumor_dice_sd": None, "curve_mae_overall": metrics["mae_overall"],
+            "curve_mae_per_phase": metrics["mae_per_phase"], "curve_n_cases": metrics["n_cases"]}
+
+
 def _loss_lines(model: Path) -> list:
     logs = sorted((model / "fold_0").glob("training_log_*.txt"))
     if not logs:
@@ -106,10 +127,13 @@ def _markdown(results: dict, meta: dict) -> str:
              "|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
     for method, r in results.items():
         per_phase = r.get("curve_mae_per_phase") or {}
-        dice = f"{_fmt(r['tumor_dice_mean'])} ± {_fmt(r['tumor_dice_sd'])}"
+        dice = "n/a" if r["tumor_dice_mean"] is None else f"{_fmt(r['tumor_dice_mean'])} ± {_fmt(r['tumor_dice_sd'])}"
         lines.append(f"| {method} | `{r['trainer']}` | {dice} | {_fmt(r.get('curve_mae_overall'), 1)} | "
                      + " | ".join(_fmt(per_phase.get(p), 1) for p in phases)
-                     + f" | {_fmt(r.get('class_accuracy'))} | {_fmt(r.get('class_auc'))} | {r['train_s']:.0f} |")
+                     + f" | {_fmt(r.get('class_accuracy'))} | {_fmt(r.get('class_auc'))} | {_fmt(r['train_s'], 0)} |")
+    if BASELINE in results:
+        lines += ["", f"{BASELINE}: no network; every held-out case's curve predicted as the mean curve of the "
+                      f"{meta['train_cases']} training cases (the MAE a curve head has to beat)."]
     lines += ["", "n/a: the method has no such head (STD-Net has no curve head; stock nnU-Net has no case heads). "
               "Curve MAE is in the phantom's MRI signal units; the phantom draws a scanner gain per case that "
               "nnU-Net's per-image z-score normalisation removes, so part of it is not predictable from the "
@@ -132,6 +156,9 @@ def main() -> None:
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "mti_net_vs_stdnet_cpu"))
     p.add_argument("--name", default=None, help="run name (default: the schedule)")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny schedule, 6 + 2 cases, dataset 942")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="regenerate the run's phantom (same seed and sizes), add the mean-curve baseline to its "
+                        "summary.json and summary.md; trains nothing")
     args = p.parse_args()
     if args.tiny:
         args.schedule, args.train_cases, args.test_cases, args.dataset_id = "tiny", 6, 2, 942
@@ -143,6 +170,19 @@ def main() -> None:
     root.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
     log = root / "run.log"
+    if args.baseline_only:
+        summary = json.loads((out / "summary.json").read_text())
+        meta = summary["meta"]
+        if [meta["train_cases"], meta["test_cases"], meta["shape"], meta["seed"]] != \
+                [args.train_cases, args.test_cases, args.shape, args.seed]:
+            sys.exit(f"--baseline-only needs the run's own cases: {out / 'summary.json'} has train/test cases "
+                     f"{meta['train_cases']}/{meta['test_cases']}, shape {meta['shape']}, seed {meta['seed']}")
+        summary["results"][BASELINE] = _mean_curve_baseline(_data(args, root, {}))
+        meta["baseline_command"] = " ".join(sys.argv)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.md").write_text(_markdown(summary["results"], meta))
+        print((out / "summary.md").read_text())
+        return
     env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "nnunet_liver_ext" / "trainers"),
                nnUNet_def_n_proc="1", nnUNet_compile="f", PYTHONUNBUFFERED="1")
@@ -176,6 +216,7 @@ def main() -> None:
         shutil.copy(evaluation / "per_case_metrics.csv", out / f"per_case_metrics_{method}.csv")
         print(f"[{time.time() - t0:.0f} s] {method}: {json.dumps({k: v for k, v in results[method].items()})}",
               flush=True)
+    results[BASELINE] = _mean_curve_baseline(dataset)
     dataset_json = json.loads((dataset / "dataset.json").read_text())
     meta = {"schedule": args.schedule, "configuration": args.configuration, "train_cases": args.train_cases, "test_cases": args.test_cases,
             "shape": args.shape, "seed": args.seed, "classes": dataset_json["characterization"]["classes"],
