@@ -163,6 +163,32 @@ def test_loss_weights_scale_their_terms(nnunet_folders):
     assert float(base["tim_loss"]) > 0
 
 
+def test_curve_term_counts_only_patches_that_show_the_lesion(nnunet_folders):
+    """The curve is the lesion's enhancement: a patch without tumor voxels cannot show it, so, like the class
+    term, the curve term leaves such a sample out (its curve head output gets no gradient from it)."""
+    from nnunet_liver_ext.networks.contract import NetworkOutput
+    from nnunet_liver_ext.training.plans import liver_ext_block
+
+    trainer = make_trainer("nnUNetTrainerMTINet")
+    batch = make_batch(trainer)
+    for t in batch["target"]:
+        t[1][t[1] == 2] = 1  # sample "b": liver only
+    curve = torch.zeros(2, 4, requires_grad=True)
+    terms = trainer.case_loss_terms(NetworkOutput(seg=batch["target"], curve=curve), batch["target"], batch["keys"])
+    terms["curve"].backward()
+    assert curve.grad[0].abs().sum() > 0 and curve.grad[1].abs().sum() == 0
+    mean, std = liver_ext_block(trainer.plans_manager.plans)["enhancement_stats"]
+    expected = (torch.tensor(DATASET_JSON["enhancement"]["a"]) - mean) / std
+    assert float(terms["curve"]) == pytest.approx(trainer.loss_weights["curve"] * float(expected.abs().mean()), rel=1e-5)
+    for t in batch["target"]:
+        t[0][t[0] == 2] = 1  # no sample shows the lesion: a graph-connected zero
+    curve.grad = None
+    terms = trainer.case_loss_terms(NetworkOutput(seg=batch["target"], curve=curve), batch["target"], batch["keys"])
+    assert float(terms["curve"]) == 0.0
+    terms["curve"].backward()
+    assert curve.grad.abs().sum() == 0
+
+
 def test_tim_loss_is_zero_for_a_perfect_prediction_and_not_for_a_wrong_one(nnunet_folders):
     from nnunet_liver_ext.networks.contract import NetworkOutput
 

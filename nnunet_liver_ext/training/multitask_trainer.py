@@ -208,21 +208,23 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     def case_loss_terms(self, output: NetworkOutput, target, keys: List[str]) -> Dict[str, torch.Tensor]:
         """Weighted case-level loss terms of one batch (already multiplied by their weights).
 
-        The classification term only counts samples whose patch contains tumor voxels and whose case
-        has a label; with none in the batch it is a graph-connected zero. Under DDP each term is the mean over
-        every rank's qualifying samples (``losses/case_losses.py``).
+        The classification and curve terms only count samples whose patch contains tumor voxels and whose
+        case has the target: both describe the lesion, which a patch without it cannot show (the curve is
+        the lesion's enhancement). With none in the batch a term is a graph-connected zero. Under DDP each
+        term is the mean over every rank's qualifying samples (``losses/case_losses.py``).
         """
         terms: Dict[str, torch.Tensor] = {}
         full_res_target = target[0] if isinstance(target, (list, tuple)) else target
+        has_lesion = (full_res_target == self.tumor_label).flatten(1).any(1)
         if output.cls_logits is not None and self.loss_weights.get("cls", 0) > 0:
             labels, known = self.case_targets.class_labels(keys, self.device)
-            has_lesion = (full_res_target == self.tumor_label).flatten(1).any(1)
             terms["cls"] = self.loss_weights["cls"] * masked_cross_entropy(output.cls_logits, labels,
                                                                            known & has_lesion)
         if output.curve is not None and self.loss_weights.get("curve", 0) > 0:
             mean, std = liver_ext_block(self.plans_manager.plans).get("enhancement_stats", (0.0, 1.0))
             curves, known = self.case_targets.curves(keys, output.curve.shape[1], self.device)
-            terms["curve"] = self.loss_weights["curve"] * masked_l1(output.curve, (curves - mean) / std, known)
+            terms["curve"] = self.loss_weights["curve"] * masked_l1(output.curve, (curves - mean) / std,
+                                                                    known & has_lesion)
         for name, value in output.aux_losses.items():
             if name not in self.aux_loss_weights:
                 raise KeyError(f"network returned aux loss {name!r} but {type(self).__name__}.aux_loss_weights "
