@@ -4,9 +4,10 @@
 Parts are the network's direct submodules (a ``ModuleList`` counts as one part: STD-Net's
 ``phase_fusions``), the trainer's ``loss`` module, ``optimizer`` (``Optimizer.step`` and ``zero_grad``)
 and ``other`` (everything else: the network's glue between its parts, the case-level losses computed in
-the trainer, the grad scaler). Forward hooks open a ``record_function`` range per part call; an operator
-inside a range belongs to the innermost one. A backward operator belongs to the part whose forward
-operator created its autograd node: the profiler gives both the same sequence number. Time per
+the trainer, the grad scaler). Forward hooks on every module of a part open a ``record_function`` range
+per call; an operator inside a range belongs to the innermost one. A backward operator belongs to the
+part whose outputs' autograd graph held its node when the part returned (``PartTracker.claim``): the
+profiler's backward events carry the node's sequence number. Time per
 operator is its self time: on CUDA the time of the kernels it launched, on the CPU its own CPU time, so
 the parts add up to the profiled step without counting anything twice.
 
