@@ -278,6 +278,26 @@ def test_regression_mae_matches_sklearn():
     assert list(out["mae_per_phase"].values()) == pytest.approx(list(per_phase))
 
 
+def test_relative_curve_mae_ignores_each_case_s_signal_gain():
+    """MRI signal carries a per-scan gain that nnU-Net's z-score normalisation removes from the images: the relative
+    MAE (curves divided by their first phase) must not change when a case's curves are scaled by its gain."""
+    rng = np.random.default_rng(2)
+    true = rng.uniform(100, 900, size=(6, 4))
+    pred = true * rng.uniform(0.8, 1.2, size=(6, 4))
+    gain = rng.uniform(0.5, 2.0, size=(6, 1))
+    out = characterization.regression_metrics(true, pred, ["pre", "arterial", "portal_venous", "delay"])
+    scaled = characterization.regression_metrics(true * gain, pred * gain, ["pre", "arterial", "portal_venous", "delay"])
+    assert scaled["mae_relative_overall"] == pytest.approx(out["mae_relative_overall"])
+    assert scaled["mae_overall"] != pytest.approx(out["mae_overall"])  # the raw MAE does change
+    expected = np.abs(pred / pred[:, :1] - true / true[:, :1])
+    assert out["mae_relative_overall"] == pytest.approx(expected.mean())
+    assert out["mae_relative_per_phase"]["pre"] == 0.0  # both ratios are 1 there
+    # a scale-only error (the prediction is the truth at another gain) costs nothing relative
+    assert characterization.regression_metrics(true, true * gain, None)["mae_relative_overall"] == pytest.approx(0)
+    hu = characterization.regression_metrics(true - 500, pred - 500, None)  # CT curves in HU can be <= 0
+    assert hu["mae_relative_overall"] is None and "not positive" in hu["relative_note"]
+
+
 def test_case_json_is_validated(tmp_path):
     good = dict(case="c1", classes=["a", "b"], probabilities=[0.3, 0.7], predicted_class="b", predicted_index=1,
                 lesion_voxels=12, enhancement_curve=[1.0, 2.0], phases=["arterial", "delayed"])

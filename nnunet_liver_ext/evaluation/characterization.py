@@ -80,7 +80,13 @@ def classification_metrics(y_true: Sequence[int], probabilities: np.ndarray, cla
 
 def regression_metrics(true_curves: np.ndarray, predicted_curves: np.ndarray,
                        phases: Sequence[str] | None = None) -> dict:
-    """MAE per phase and overall of (N, P) enhancement curves."""
+    """MAE per phase and overall of (N, P) enhancement curves, in the curves' units and relative to each
+    curve's first phase (``mae_relative_*``: curve / its pre-contrast value, true and predicted alike).
+
+    The relative MAE is scale-free: a scanner's global signal gain, which MRI intensities carry and nnU-Net's
+    per-image z-score normalisation removes from the images, cancels in it, so it measures the curve's
+    shape. It is None (with ``relative_note``) when a first-phase value is not positive (e.g. CT curves in
+    HU), where the ratio means nothing."""
     true_curves = np.asarray(true_curves, dtype=float)
     predicted_curves = np.asarray(predicted_curves, dtype=float)
     if true_curves.shape != predicted_curves.shape or true_curves.ndim != 2:
@@ -91,8 +97,16 @@ def regression_metrics(true_curves: np.ndarray, predicted_curves: np.ndarray,
     if len(phases) != n_phases:
         raise ValueError(f"{len(phases)} phase names for {n_phases} phases")
     abs_err = np.abs(predicted_curves - true_curves)
-    return dict(n_cases=int(true_curves.shape[0]), mae_overall=float(abs_err.mean()),
-                mae_per_phase={p: float(v) for p, v in zip(phases, abs_err.mean(axis=0))})
+    out = dict(n_cases=int(true_curves.shape[0]), mae_overall=float(abs_err.mean()),
+               mae_per_phase={p: float(v) for p, v in zip(phases, abs_err.mean(axis=0))},
+               mae_relative_overall=None, mae_relative_per_phase=None, relative_note=None)
+    if (true_curves[:, 0] > 0).all() and (predicted_curves[:, 0] > 0).all():
+        relative_err = np.abs(predicted_curves / predicted_curves[:, :1] - true_curves / true_curves[:, :1])
+        out.update(mae_relative_overall=float(relative_err.mean()),
+                   mae_relative_per_phase={p: float(v) for p, v in zip(phases, relative_err.mean(axis=0))})
+    else:
+        out["relative_note"] = f"a first-phase ({phases[0]}) value is not positive: no relative MAE"
+    return out
 
 
 def load_case_prediction(path: str | Path) -> dict:

@@ -445,9 +445,14 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
         for t, r in summary["regression"].items():
             p = r["pooled"]
             table.append([t, p["n_cases"], _f(p["mae_overall"])] + [_f(p["mae_per_phase"][ph]) for ph in r["phases"]]
+                         + [_f(p.get("mae_relative_overall")) if p.get("mae_relative_overall") is not None
+                            else "n/a"]
                          + [", ".join(f"{f}: {_f(v['mae_overall']) if v else 'n/a'}" for f, v in r["per_fold"].items())])
         phases = next(iter(summary["regression"].values()))["phases"]
-        md += _table(["trainer", "cases", "MAE overall"] + [f"MAE {ph}" for ph in phases] + ["MAE per fold"], table)
+        md += _table(["trainer", "cases", "MAE overall"] + [f"MAE {ph}" for ph in phases]
+                     + [f"MAE relative (curve / {phases[0]})", "MAE per fold"], table)
+        md += ["Relative MAE: both curves divided by their first phase's value, so a scanner's global signal "
+               "gain cancels (it measures the curve's shape); n/a where a first-phase value is not positive.", ""]
 
     if plot_files:
         md += ["## Plots", ""]
