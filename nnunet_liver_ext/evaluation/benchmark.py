@@ -302,7 +302,7 @@ def _check_trainers_found(results: Path, dataset_name: str, configuration: str, 
             what = f"the baseline {baseline} has no validation predictions for folds {list(folds)} in {where}"
             fix = _train_command(dataset_name, configuration, baseline, plans, [f for f, _ in whys] or folds)
         raise UserError(what + "; a report without it would have no paired tests",
-                        fix + f"; or choose another baseline with --baseline TRAINER, or none with --baseline none")
+                        fix + "; or choose another baseline with --baseline TRAINER, or none with --baseline none")
     others = [t for t in missing if t != baseline]
     if others:
         trained = sorted(d.name for d in results.glob(f"*__{plans}__{configuration}") if d.is_dir()) \
