@@ -79,7 +79,7 @@ def _score(evaluation: Path) -> dict:
     for block in (summary.get("regression") or {}).values():
         pooled = block.get("pooled") or {}
         result.update(curve_mae_overall=pooled.get("mae_overall"), curve_mae_per_phase=pooled.get("mae_per_phase"),
-                      curve_n_cases=pooled.get("n_cases"))
+                      curve_mae_relative=pooled.get("mae_relative_overall"), curve_n_cases=pooled.get("n_cases"))
     return result
 
 
@@ -100,6 +100,7 @@ def _mean_curve_baseline(dataset: Path) -> dict:
     metrics = regression_metrics(true, np.repeat(mean_curve[None], len(cases), 0), train["phases"])
     return {"trainer": "(none: mean training curve)", "train_s": None, "n_cases": len(cases), "tumor_dice_mean": None,
             "tumor_dice_sd": None, "curve_mae_overall": metrics["mae_overall"],
+            "curve_mae_relative": metrics["mae_relative_overall"],
             "curve_mae_per_phase": metrics["mae_per_phase"], "curve_n_cases": metrics["n_cases"]}
 
 
@@ -123,14 +124,18 @@ def _markdown(results: dict, meta: dict) -> str:
              f"{meta['test_cases']} held-out cases), classes {meta['classes']}, grid {meta['shape']} (z, y, x), "
              f"plans `{PLANS}`, {meta['cpu_count']} CPU cores. Wall time {meta['wall_s']:.0f} s in all.", "",
              "| method | trainer | tumor Dice (held-out, mean ± sd) | curve MAE overall | "
-             + " | ".join(f"MAE {p}" for p in phases) + " | class accuracy | class AUC | train wall s |",
-             "|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
+             + " | ".join(f"MAE {p}" for p in phases) + f" | curve MAE relative (/ {phases[0]}) | class accuracy | "
+             "class AUC | train wall s |",
+             "|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|"]
     for method, r in results.items():
         per_phase = r.get("curve_mae_per_phase") or {}
         dice = "n/a" if r["tumor_dice_mean"] is None else f"{_fmt(r['tumor_dice_mean'])} ± {_fmt(r['tumor_dice_sd'])}"
         lines.append(f"| {method} | `{r['trainer']}` | {dice} | {_fmt(r.get('curve_mae_overall'), 1)} | "
                      + " | ".join(_fmt(per_phase.get(p), 1) for p in phases)
-                     + f" | {_fmt(r.get('class_accuracy'))} | {_fmt(r.get('class_auc'))} | {_fmt(r['train_s'], 0)} |")
+                     + f" | {_fmt(r.get('curve_mae_relative'))} | {_fmt(r.get('class_accuracy'))} | {_fmt(r.get('class_auc'))} | {_fmt(r['train_s'], 0)} |")
+    lines += ["", "Curve MAE relative: both curves divided by their first phase's value, so the phantom's per-case "
+                  "scanner gain (which nnU-Net's z-score normalisation removes from the images) cancels: it measures "
+                  "the curve's shape. Runs scored before it existed show n/a."]
     if BASELINE in results:
         lines += ["", f"{BASELINE}: no network; every held-out case's curve predicted as the mean curve of the "
                       f"{meta['train_cases']} training cases (the MAE a curve head has to beat)."]
@@ -139,6 +144,28 @@ def _markdown(results: dict, meta: dict) -> str:
               "nnU-Net's per-image z-score normalisation removes, so part of it is not predictable from the "
               "normalised images by any method.", ""]
     return "\n".join(lines)
+
+
+def _rescore(root: Path, out: Path) -> None:
+    """Evaluate the predictions a finished run left under ``root`` again, keep its training figures, and
+    rewrite ``out``'s summary (the baseline row included)."""
+    summary = json.loads((out / "summary.json").read_text())
+    dataset = next((root / "raw").glob("Dataset*"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for method, result in summary["results"].items():
+        prediction = root / f"pred_{method}"
+        if method == BASELINE or not prediction.is_dir():
+            continue
+        evaluation = root / f"rescore_{method}"
+        _run(["nnunet-liver", "evaluate", prediction, dataset / "labelsTs", "-o", evaluation, "--dataset-json",
+              root / "evaluation_targets.json", "-np", "1", "--quiet", "--no-plots"], env, root / "rescore.log")
+        result.update(_score(evaluation))
+        shutil.copy(evaluation / "per_case_metrics.csv", out / f"per_case_metrics_{method}.csv")
+    summary["results"][BASELINE] = _mean_curve_baseline(dataset)
+    summary["meta"]["rescore_command"] = " ".join(sys.argv)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(_markdown(summary["results"], summary["meta"]))
+    print((out / "summary.md").read_text())
 
 
 def main() -> None:
@@ -156,6 +183,9 @@ def main() -> None:
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "mti_net_vs_stdnet_cpu"))
     p.add_argument("--name", default=None, help="run name (default: the schedule)")
     p.add_argument("--tiny", action="store_true", help="smoke run: tiny schedule, 6 + 2 cases, dataset 942")
+    p.add_argument("--rescore", action="store_true",
+                   help="score a finished run's predictions again (kept under --work) with the current "
+                        "`nnunet-liver evaluate` and rewrite its summary; trains nothing")
     p.add_argument("--baseline-only", action="store_true",
                    help="regenerate the run's phantom (same seed and sizes), add the mean-curve baseline to its "
                         "summary.json and summary.md; trains nothing")
@@ -166,6 +196,9 @@ def main() -> None:
     name = args.name or args.schedule + ("" if args.configuration == "3d_fullres" else f"_{args.configuration}")
     root = Path(args.work) / name
     out = Path(args.results) / name
+    if args.rescore:
+        _rescore(root, out)
+        return
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
