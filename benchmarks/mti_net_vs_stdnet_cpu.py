@@ -163,8 +163,12 @@ def _rescore(root: Path, out: Path) -> None:
         shutil.copy(evaluation / "per_case_metrics.csv", out / f"per_case_metrics_{method}.csv")
     summary["results"][BASELINE] = _mean_curve_baseline(dataset)
     summary["meta"]["rescore_command"] = " ".join(sys.argv)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(_markdown(summary["results"], summary["meta"]))
+    _write_summary(out, summary["results"], summary["meta"])
+
+
+def _write_summary(out: Path, results: dict, meta: dict) -> None:
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "summary.md").write_text(_markdown(results, meta))
     print((out / "summary.md").read_text())
 
 
@@ -212,9 +216,7 @@ def main() -> None:
                      f"{meta['train_cases']}/{meta['test_cases']}, shape {meta['shape']}, seed {meta['seed']}")
         summary["results"][BASELINE] = _mean_curve_baseline(_data(args, root, {}))
         meta["baseline_command"] = " ".join(sys.argv)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "summary.md").write_text(_markdown(summary["results"], meta))
-        print((out / "summary.md").read_text())
+        _write_summary(out, summary["results"], meta)
         return
     env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
                nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(REPO / "nnunet_liver_ext" / "trainers"),
@@ -255,9 +257,7 @@ def main() -> None:
             "shape": args.shape, "seed": args.seed, "classes": dataset_json["characterization"]["classes"],
             "phases": dataset_json["phases"], "cpu_count": os.cpu_count(), "wall_s": time.time() - t0,
             "command": " ".join(sys.argv)}
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (out / "summary.md").write_text(_markdown(results, meta))
-    print((out / "summary.md").read_text())
+    _write_summary(out, results, meta)
 
 
 if __name__ == "__main__":

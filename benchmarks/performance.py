@@ -521,7 +521,7 @@ def targets_section(results: dict) -> list:
         return []
     base_total = sum(base_flops.values())
 
-    def time(name, mode, key="s_per_iteration"):
+    def timing(name, mode, key="s_per_iteration"):
         return rows.get(name, {}).get("timing", {}).get(mode, {}).get(key)
 
     lines = ["", "## Against issue 13's targets", "",
@@ -538,7 +538,7 @@ def targets_section(results: dict) -> list:
         if not flops:
             continue
         flop_ratio = sum(flops.values()) / base_total
-        step = {m: _ratio(time(name, m), time(BASELINE, m)) for m in ("eager", "compiled")}
+        step = {m: _ratio(timing(name, m), timing(BASELINE, m)) for m in ("eager", "compiled")}
         rate = {m: flop_ratio / step[m] if step[m] else None for m in step}
         inference = _ratio(rows[name].get("inference", {}).get("seconds"),
                            rows.get(BASELINE, {}).get("inference", {}).get("seconds"))
@@ -570,7 +570,7 @@ def targets_section(results: dict) -> list:
             if inference is not None:
                 verdicts.append(f"- `{name}` inference: {inference:.2f}x stock, target <= {INFERENCE_TARGET}: "
                                 f"{'met' if inference <= INFERENCE_TARGET else 'NOT met'}.")
-        peak, predicted = time(name, "eager", "peak_memory_gb"), \
+        peak, predicted = timing(name, "eager", "peak_memory_gb"), \
             rows[name].get("timing", {}).get("memory", {}).get("predicted_gb")
         if peak is not None and predicted:
             within = abs(peak / predicted - 1) <= MEMORY_TOLERANCE

@@ -150,6 +150,13 @@ class PartFlops(TorchDispatchMode):
             self.flops[key] += int(formula(*args, **kwargs, out_val=out))
         return out
 
+    def by_part(self) -> Dict[str, Dict[str, int]]:
+        """``{part: {"forward": FLOPs, "backward": FLOPs}}``."""
+        out: Dict[str, Dict[str, int]] = defaultdict(lambda: {"forward": 0, "backward": 0})
+        for (part, kind), flops in self.flops.items():
+            out[part][kind] += flops
+        return dict(out)
+
 
 def _ancestor(event, predicate):
     while event is not None:
@@ -185,10 +192,7 @@ def part_flops(trainer, batch: dict, parts: Dict[str, List[nn.Module]]) -> Dict[
     """``{part: {"forward": FLOPs, "backward": FLOPs}}`` of one train step."""
     with PartTracker(parts, ranges=False) as tracker, PartFlops(tracker) as counter:
         trainer.train_step(batch)
-    out: Dict[str, Dict[str, int]] = defaultdict(lambda: {"forward": 0, "backward": 0})
-    for (part, kind), flops in counter.flops.items():
-        out[part][kind] += flops
-    return dict(out)
+    return counter.by_part()
 
 
 def profile_train_step(trainer, batch: dict, warmup: int = 1) -> dict:
@@ -233,8 +237,5 @@ def network_part_flops(network: nn.Module, input_shape, device, heads: bool) -> 
     with PartTracker(parts, ranges=False) as tracker, PartFlops(tracker) as counter:
         output = network(x, heads=True) if heads else network(x)
         sum(t.float().mean() for t in _tensors(output) if t.requires_grad).backward()
-    out: Dict[str, Dict[str, int]] = defaultdict(lambda: {"forward": 0, "backward": 0})
-    for (part, kind), flops in counter.flops.items():
-        out[part][kind] += flops
     network.zero_grad(set_to_none=True)
-    return dict(out)
+    return counter.by_part()

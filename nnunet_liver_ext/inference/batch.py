@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_liver_ext.inference.inputs import CaseInput
+from nnunet_liver_ext.inference.inputs import CaseInput, short_error
 
 STAGING_PREFIX = ".nnunet-liver-partial-"
 # what nnU-Net writes into an output folder besides the cases: kept from the last run
@@ -78,10 +78,9 @@ class BatchResult:
 
 
 def _error_text(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     where = traceback.extract_tb(error.__traceback__)
     place = f" (in {os.path.basename(where[-1].filename)}:{where[-1].lineno})" if where else ""
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}{place}"
+    return f"{type(error).__name__}: {short_error(error) if str(error).strip() else ''}{place}"
 
 
 def _incomplete(staging: str, case: str, file_ending: str, with_json: bool, save_probabilities: bool) -> Optional[str]:
@@ -97,7 +96,7 @@ def _incomplete(staging: str, case: str, file_ending: str, with_json: bool, save
     try:
         sitk.ReadImage(stem + file_ending)
     except RuntimeError as e:
-        return f"the segmentation nnU-Net wrote does not read back: {str(e).strip().splitlines()[-1]}"
+        return f"the segmentation nnU-Net wrote does not read back: {short_error(e)}"
     return None
 
 
@@ -128,9 +127,7 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
                 print(f"\nnnU-Net's run over {len(todo)} cases stopped ({result.batch_error}); predicting the "
                       f"cases one at a time so that only a failing case is lost")
                 for c in todo:
-                    for path in case_output_files(staging, c.case, ending):
-                        if os.path.isfile(path):
-                            os.remove(path)
+                    remove_case_outputs(staging, c.case, ending)
             else:
                 todo = [c for c in todo if _incomplete(staging, c.case, ending, with_json, save_probabilities)]
         if not parallel or result.batch_error is not None:
@@ -141,9 +138,7 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
                     predictor.predict_case_in_process(c.files, ofile, save_probabilities, previous)
                 except Exception as e:  # noqa: BLE001 - the error is this case's, reported with it
                     result.failed[c.case] = f"prediction failed: {_error_text(e)}"
-                    for path in case_output_files(staging, c.case, ending):
-                        if os.path.isfile(path):
-                            os.remove(path)
+                    remove_case_outputs(staging, c.case, ending)
         for c in cases:
             if c.case in result.failed:
                 continue

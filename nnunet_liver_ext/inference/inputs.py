@@ -125,8 +125,9 @@ class _Image:
     direction: tuple
 
 
-def _short_error(error: Exception) -> str:
-    """SimpleITK's exceptions carry a C++ trace; the last non-empty line says what happened."""
+def short_error(error: BaseException) -> str:
+    """SimpleITK's exceptions carry a C++ trace; the last non-empty line says what happened (the type's
+    name for an empty message)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -157,7 +158,7 @@ def _read_checked(case: str, path: str, label: str, problems: List[InputProblem]
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        problems.append(InputProblem(case, path, f"cannot be read ({label}): {_short_error(e)}", unreadable))
+        problems.append(InputProblem(case, path, f"cannot be read ({label}): {short_error(e)}", unreadable))
         return None
     info = _Image(reader.GetDimension(), reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(),
                   reader.GetDirection())
@@ -174,7 +175,7 @@ def _read_checked(case: str, path: str, label: str, problems: List[InputProblem]
         array = _voxels(path, reader)
     except Exception as e:  # noqa: BLE001 - zlib, nibabel and ITK each raise their own kind
         problems.append(InputProblem(case, path, f"cannot be read ({label}): the voxel data are damaged "
-                                                 f"({type(e).__name__}: {_short_error(e)})", unreadable))
+                                                 f"({type(e).__name__}: {short_error(e)})", unreadable))
         return None
     if not np.issubdtype(array.dtype, np.integer):
         # nnU-Net's reader casts to float32 ('unsafe'): check what the network would get
