@@ -1,6 +1,8 @@
 """The pure-PyTorch Mamba2 (SSD) block against a step-by-step recurrence written here from the same
 parameters, forward and gradients, on the CPU; mamba_ssm.Mamba2's parameter layout; fp32 scan."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +174,38 @@ def test_no_python_loop_over_tokens():
         loop_512 = time.perf_counter() - start
     assert ours < loop_512 * 8 / 2, (ours, loop_512)
     assert math.isfinite(ours)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None,
+                    reason="mamba-ssm is not installed (benchmarks/mamba_ssm_parity.py says how to build its wheel)")
+def test_block_equals_mamba_ssm_mamba2_around_its_kernels(monkeypatch):
+    """Where mamba-ssm's wheel is installed (CI has no package index to build it): mamba_ssm.Mamba2 loads our
+    state dict strictly and, with its Triton kernels replaced by mamba-ssm's own PyTorch references, computes
+    what our block computes, both through its own code and with our block calling its scan; a swapped B/C
+    projection is caught."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mamba_ssm_parity as parity
+
+    parity.import_mamba_ssm()
+    for target, attribute, value in parity.reference_patches():
+        monkeypatch.setattr(target, attribute, value)
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    config = dict(d_state=16, headdim=32, ngroups=2)
+    ours = Mamba2SSD(128, backend="torch", **config)
+    ours_via_their_scan = Mamba2SSD(128, backend="mamba_ssm", **config)
+    ours_via_their_scan.load_state_dict(ours.state_dict(), strict=True)
+    theirs = Mamba2(128, use_mem_eff_path=False, **config)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    u = torch.randn(2, 300, 128)  # not a multiple of the chunk size
+    assert parity.parity(ours, ours_via_their_scan, u)["ok"]
+    assert parity.parity(ours, theirs, u)["ok"]
+
+    state = ours.state_dict()
+    d_inner, bc = ours.d_inner, ours.ngroups * ours.d_state
+    weight = state["in_proj.weight"].clone()
+    b_rows, c_rows = slice(2 * d_inner, 2 * d_inner + bc), slice(2 * d_inner + bc, 2 * d_inner + 2 * bc)
+    weight[b_rows], weight[c_rows] = state["in_proj.weight"][c_rows], state["in_proj.weight"][b_rows]
+    theirs.load_state_dict({**state, "in_proj.weight": weight}, strict=True)
+    assert not parity.parity(ours, theirs, u)["ok"]

@@ -1,0 +1,250 @@
+"""Parity of the package's pure-PyTorch Mamba2 block (``networks.ssd.Mamba2SSD``, chunked SSD in PyTorch)
+against mamba-ssm on the same weights (issue 11): forward outputs and, on CUDA, gradients (input and every
+parameter, by name). Tolerance: max abs difference <= 1e-3 * max abs reference value (fp32).
+
+Two comparisons, on the same random input and one state dict:
+
+1. ``scan``: ours with ``backend="torch"`` against ours with the scan in mamba-ssm's
+   ``mamba_chunk_scan_combined`` (``backend="mamba_ssm"``: everything else identical), which checks how
+   our block calls mamba-ssm's scan;
+2. ``Mamba2``: ours against ``mamba_ssm.Mamba2`` itself with our state dict loaded (strict), which
+   checks the parameter layout and everything around the scan (projection split order, causal conv,
+   dt, gated norm).
+
+``--device cuda`` (issue 11's GPU evidence; NOT YET RUN, no session so far had the GPU machine):
+mamba-ssm's Triton kernels; ``Mamba2`` through both of its paths (``use_mem_eff_path=False``, and the
+fused path, which needs the compiled ``causal_conv1d``: tried, and its error reported when it fails); fp16
+autocast; latency of a forward+backward of each. Results: benchmarks/results/mamba_ssm_parity_gpu/.
+
+``--device cpu``: Triton kernels do not run on a CPU, so mamba-ssm's own PyTorch references of the two
+kernels ``Mamba2.forward`` calls on its unfused path stand in for them (``ssd_chunk_scan_combined_ref``
+for ``mamba_chunk_scan_combined``, ``rms_norm_ref`` for ``RMSNormGated``); every other line is
+mamba-ssm's. Forward only (``parity`` says why). This checks the layout and the data flow around the
+kernels, not the kernels. Results:
+benchmarks/results/mamba_ssm_parity_cpu/.
+
+mamba-ssm is a source archive that needs a CUDA build; its pure-Python wheel (Triton kernels, no
+compiled extension) is enough here: ``bash benchmarks/mamba_ssm_wheel.sh`` builds it into ``.whl/rest``,
+which the GPU runners install (benchmarks/gpu_env.sh). mamba-ssm's package ``__init__`` imports Mamba1's
+compiled extension, Mamba3 and a language-model class that needs ``transformers``; Mamba2 uses none of
+them and the GPU machine has neither. THIS SCRIPT ONLY registers the installed package without running
+its ``__init__`` and imports the submodules it needs from there. The package never does this: in
+``networks/ssd.py`` a failing ``import mamba_ssm`` means the PyTorch scan.
+
+On the CPU machine:
+
+    bash benchmarks/mamba_ssm_wheel.sh
+    pip install --no-deps --target /tmp/mamba_site .whl/rest/mamba_ssm-*.whl
+    PYTHONPATH=/tmp/mamba_site python benchmarks/mamba_ssm_parity.py --device cpu
+
+On the GPU machine, after ../shared/GPU.md's step 2, with ``.whl/rest`` carried:
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/mamba_ssm_parity.py --out $OUT/mamba_ssm_parity_gpu
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nnunet_liver_ext.networks import ssd  # noqa: E402
+
+# (d_model, headdim, ngroups, length, batch): small heads over a long sequence; the default plans' 320
+# bottleneck features, short and long; two groups of B/C over a length that is no multiple of the chunk size
+GPU_CASES = ((104, 16, 1, 6144, 2), (320, 64, 1, 64, 2), (320, 64, 1, 4096, 2), (128, 32, 2, 600, 2))
+CPU_CASES = ((104, 16, 1, 1536, 2), (320, 64, 1, 64, 2), (320, 64, 1, 600, 1), (128, 32, 2, 300, 2))
+TOLERANCE = 1e-3
+
+
+def import_mamba_ssm() -> Dict[str, str]:
+    """Registers the installed mamba-ssm package without running its ``__init__`` (see the module docstring)."""
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or spec.submodule_search_locations is None:
+        sys.exit("mamba-ssm is not importable here: build its wheel (bash benchmarks/mamba_ssm_wheel.sh) and "
+                 "install it (pip install --no-deps --target DIR ...), then put DIR on PYTHONPATH")
+    if "mamba_ssm" not in sys.modules:
+        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)  # not executed: no __init__
+    return {"mamba_ssm_version": importlib.metadata.version("mamba_ssm"), "mamba_ssm_location": spec.origin,
+            "import": "package registered without its __init__ (Mamba1 extension, Mamba3, transformers unused)"}
+
+
+def reference_patches() -> List[Tuple[object, str, object]]:
+    """CPU: ``(object, attribute, value)`` that put mamba-ssm's PyTorch references in place of its Triton
+    kernels, in mamba-ssm's Mamba2 module and for our block's ``mamba_ssm`` backend (which resolves to the
+    kernel on CUDA only). ``main`` sets them; a test sets them through pytest's ``monkeypatch``."""
+    from mamba_ssm.modules import mamba2
+    from mamba_ssm.ops.triton import layernorm_gated
+    from mamba_ssm.ops.triton.ssd_combined import ssd_chunk_scan_combined_ref
+
+    def scan_reference(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, seq_idx=None,
+                       cu_seqlens=None, return_final_states=False, return_varlen_states=False, **dt_limit):
+        if seq_idx is not None or cu_seqlens is not None or return_final_states or return_varlen_states or dt_limit:
+            raise NotImplementedError("the reference scan covers the plain training call only")
+        # the reference takes whole chunks only; padding the tail cannot change earlier outputs of a causal scan
+        length = x.shape[1]
+        pad = (-length) % chunk_size
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (x, dt, B, C))
+        z = None if z is None else F.pad(z, (0, 0, 0, 0, 0, pad))
+        return ssd_chunk_scan_combined_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                           dt_softplus=dt_softplus)[:, :length]
+
+    def rms_norm_gated_reference(self, x, z=None):
+        return layernorm_gated.rms_norm_ref(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
+                                            norm_before_gate=self.norm_before_gate)
+
+    def resolve_backend(device, requested="auto"):
+        return "mamba_ssm" if requested == "mamba_ssm" else "torch"
+
+    return [(mamba2, "mamba_chunk_scan_combined", scan_reference),
+            (mamba2.RMSNormGated, "forward", rms_norm_gated_reference),  # layernorm_gated.RMSNorm
+            (ssd, "mamba_ssm_scan", lambda: scan_reference),
+            (ssd, "resolve_backend", resolve_backend)]
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    diff = (a.float() - b.float()).abs().max().item()
+    scale = b.float().abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_ref": scale, "ok": diff <= TOLERANCE * max(scale, 1e-6)}
+
+
+def forward_and_grads(module: nn.Module, u: torch.Tensor, weight: torch.Tensor):
+    """Output and the gradients of ``sum(output * weight)`` w.r.t. the input and every parameter, by name."""
+    u = u.detach().requires_grad_(True)
+    y = module(u)
+    names, params = zip(*module.named_parameters())
+    grads = torch.autograd.grad((y.float() * weight).sum(), [u, *params])
+    return y.detach(), dict(zip(("input", *names), grads))
+
+
+def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor) -> dict:
+    """Forward, and on CUDA the gradients. On the CPU the stand-in scan's backward is NaN by construction
+    (``chunk_scan_ref`` exponentiates the decay above the causal diagonal, where it overflows, before masking
+    it), and gradients add nothing there: every line outside the kernels is differentiable PyTorch, so equal
+    outputs for random inputs and weights mean the same function; the kernels' backward is the GPU's part."""
+    if u.device.type == "cpu":
+        with torch.no_grad():
+            forward = compare(theirs(u), ours(u))
+        return {"forward": forward, "grads": None, "ok": forward["ok"]}
+    weight = torch.randn(u.shape[:-1] + (ours.d_model,), device=u.device)
+    y_ref, g_ref = forward_and_grads(ours, u, weight)
+    y, g = forward_and_grads(theirs, u, weight)
+    if set(g) != set(g_ref):
+        raise RuntimeError(f"parameter names differ: {sorted(set(g) ^ set(g_ref))}")
+    grads = {name: compare(g[name], g_ref[name]) for name in g_ref}
+    return {"forward": compare(y, y_ref), "grads": grads,
+            "ok": compare(y, y_ref)["ok"] and all(c["ok"] for c in grads.values())}
+
+
+def timed(fn, device: torch.device, repeats: int = 20) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def run_case(device: torch.device, d_model: int, headdim: int, ngroups: int, length: int, batch: int) -> dict:
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    config = dict(d_state=16, headdim=headdim, ngroups=ngroups)
+    ours = ssd.Mamba2SSD(d_model, backend="torch", **config).to(device)
+    ours_kernel = ssd.Mamba2SSD(d_model, backend="mamba_ssm", **config).to(device)
+    ours_kernel.load_state_dict(ours.state_dict(), strict=True)
+    u = torch.randn(batch, length, d_model, device=device)
+    case = {"d_model": d_model, "headdim": headdim, "ngroups": ngroups, "length": length, "batch": batch,
+            "scan": parity(ours, ours_kernel, u)}
+    for mem_eff in ((False,) if device.type == "cpu" else (False, True)):
+        label = f"Mamba2(use_mem_eff_path={mem_eff})"
+        try:
+            theirs = Mamba2(d_model, use_mem_eff_path=mem_eff, **config).to(device)
+            theirs.load_state_dict(ours.state_dict(), strict=True)
+            case[label] = parity(ours, theirs, u)
+            if device.type == "cuda":
+                case[label]["ms_fwd_bwd"] = timed(lambda: theirs(u).sum().backward(), device)
+        except Exception as error:  # reported, not hidden
+            case[label] = {"error": f"{type(error).__name__}: {error}", "ok": False}
+    if device.type == "cuda":
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            case["fp16_autocast_scan"] = compare(ours_kernel(u), ours(u))
+        x = u.detach().requires_grad_(True)
+        case["ms_fwd_bwd_torch"] = timed(lambda: ours(x).sum().backward(), device)
+        case["ms_fwd_bwd_kernel"] = timed(lambda: ours_kernel(x).sum().backward(), device)
+    return case
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Mamba2 block parity against mamba-ssm ({results['device_name']})", "",
+             f"Produced by `{results['command']}`; torch {results['torch']}, mamba-ssm "
+             f"{results['notes']['mamba_ssm_version']}. {results['what']} Tolerance: max abs difference <= "
+             f"{TOLERANCE:g} x max abs reference value; gradients (CUDA only): input and every parameter by name, "
+             "worst shown.",
+             "", "| d_model | headdim | ngroups | length | batch | comparison | forward max abs diff (ref max) "
+                 "| worst gradient: name, max abs diff (ref max) | ok |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        for label in (k for k in case if k == "scan" or k.startswith("Mamba2(")):
+            c = case[label]
+            head = f"| {case['d_model']} | {case['headdim']} | {case['ngroups']} | {case['length']} | {case['batch']} | {label} "
+            if "error" in c:
+                lines.append(head + f"| {c['error']} | | no |")
+                continue
+            grads = "not compared (CPU)"
+            if c["grads"] is not None:
+                name, worst = max(c["grads"].items(), key=lambda kv: kv[1]["max_abs_diff"] / max(kv[1]["max_abs_ref"], 1e-12))
+                grads = f"{name}: {worst['max_abs_diff']:.2e} ({worst['max_abs_ref']:.3g})"
+            lines.append(head + f"| {c['forward']['max_abs_diff']:.2e} ({c['forward']['max_abs_ref']:.3g}) | {grads} "
+                                f"| {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Iterable[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/mamba_ssm_parity_<device>")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda needs a CUDA GPU")
+    notes = import_mamba_ssm()
+    if device.type == "cpu":
+        for target, attribute, value in reference_patches():
+            setattr(target, attribute, value)
+        what = ("CPU: mamba-ssm's PyTorch references stand in for its Triton kernels (ssd_chunk_scan_combined_ref, "
+                "rms_norm_ref); the rest of mamba_ssm.Mamba2.forward is mamba-ssm's own code.")
+    else:
+        ssd.mamba_ssm_scan.cache_clear()
+        what = "CUDA: mamba-ssm's Triton kernels."
+    results = {"notes": notes, "what": what, "torch": torch.__version__,
+               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+               "command": "python benchmarks/mamba_ssm_parity.py --device " + args.device, "tolerance": TOLERANCE,
+               "cases": []}
+    for case in (CPU_CASES if device.type == "cpu" else GPU_CASES):
+        results["cases"].append(run_case(device, *case))
+        print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
+    results["all_ok"] = all(c[k]["ok"] for c in results["cases"] for k in c if k == "scan" or k.startswith("Mamba2("))
+    out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{device.type}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parity.json").write_text(json.dumps(results, indent=2))
+    (out / "parity.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
