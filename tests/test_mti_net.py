@@ -35,6 +35,30 @@ def test_high_pass_removes_the_dc_component_and_keeps_high_frequencies(dims, sha
         torch.testing.assert_close(hpf(checker), checker, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dims,shape", [(2, (2, 3, 12, 9)), (3, (1, 2, 6, 8, 7)), (3, (1, 2, 5, 6, 8))])
+def test_high_pass_backward_is_the_same_filter_and_matches_autograd(dims, shape):
+    """The filter is self-adjoint (H real): its custom backward equals autograd's backward of the plain
+    rfftn/irfftn formula (odd and even sizes: the Nyquist bins), and passes gradcheck."""
+    from nnunet_liver_ext.networks.mti_net import SymmetricFourierFilter, fourier_filter
+
+    hpf = HighPassFilter(dims, cutoff=0.15)
+    axes = tuple(range(-dims, 0))
+    transfer = hpf.transfer_function(shape[-dims:], "cpu").double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    ours = torch.autograd.grad((SymmetricFourierFilter.apply(x, transfer, axes) * weight).sum(), x)[0]
+    plain = torch.autograd.grad((fourier_filter(x, transfer, axes) * weight).sum(), x)[0]
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: SymmetricFourierFilter.apply(t, transfer, axes), (x,))
+    # a complex transfer function (a one-voxel shift along the first axis) has another adjoint, the opposite
+    # shift: the comparison above can fail
+    frequencies = torch.fft.fftfreq(shape[-dims], dtype=torch.float64).view(-1, *[1] * (dims - 1))
+    shift = transfer * torch.exp(-2j * torch.pi * frequencies)
+    ours = torch.autograd.grad((SymmetricFourierFilter.apply(x, shift, axes) * weight).sum(), x)[0]
+    plain = torch.autograd.grad((fourier_filter(x, shift, axes) * weight).sum(), x)[0]
+    assert not torch.allclose(ours, plain, atol=1e-6)
+
+
 def test_high_pass_runs_in_fp32_and_returns_the_input_dtype():
     x = torch.randn(1, 2, 8, 8).to(torch.bfloat16)
     assert HighPassFilter(2)(x).dtype == torch.bfloat16
