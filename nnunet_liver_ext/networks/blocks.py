@@ -7,7 +7,7 @@ phase (time) axis of multiphase inputs laid out as ``(B, N, C, *S)``.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -40,6 +40,32 @@ def build_encoder(input_channels: int, arch_kwargs: dict) -> Union[PlainConvEnco
     return PlainConvEncoder(input_channels=input_channels, n_conv_per_stage=arch_kwargs["n_conv_per_stage"],
                             return_skips=True, **common)
 
+
+
+def build_phase_encoders(num_phases: int, channels_per_phase: int, arch_kwargs: dict,
+                         share: bool) -> Tuple[nn.Module, Optional[nn.ModuleList]]:
+    """``(encoder, encoders)`` for ``num_phases`` phase images of ``channels_per_phase`` channels each:
+    one encoder the phases share (``encoders`` None), or one per phase (``encoder`` is the first of
+    them: a decoder reads the stage shapes from it). A network assigns ``encoders`` before ``encoder``,
+    which keeps the parameter order, and so the optimizer state of a checkpoint, where it was."""
+    if share:
+        return build_encoder(channels_per_phase, arch_kwargs), None
+    encoders = nn.ModuleList(build_encoder(channels_per_phase, arch_kwargs) for _ in range(num_phases))
+    return encoders[0], encoders
+
+
+def encode_phases(x: torch.Tensor, encoder: nn.Module, encoders: Optional[nn.ModuleList], num_phases: int,
+                  channels_per_phase: int) -> List[torch.Tensor]:
+    """Skips per stage, each ``(B * N, C_s, *S_s)`` (sample-major, phase-minor), of ``x`` ``(B, N *
+    channels_per_phase, *S)``: the shared encoder in one batched call over the B x N phase images (the
+    weight sharing of STD-Net and MTI-Net), or every phase through its own encoder."""
+    b, n, cpp = x.shape[0], num_phases, channels_per_phase
+    if x.shape[1] != n * cpp:
+        raise ValueError(f"expected {n * cpp} input channels ({n} phases x {cpp}), got {x.shape[1]}")
+    if encoders is None:
+        return encoder(x.reshape(b * n, cpp, *x.shape[2:]))
+    per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(encoders)]
+    return [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*per_phase)]
 
 def autocast_off(device_type: str):
     """A region that runs in the tensors' own dtype whatever autocast does (fp32 scans, norms, distances);

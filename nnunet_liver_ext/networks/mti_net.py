@@ -45,8 +45,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_encoder, encoder_skip_sizes,
-                                              lesion_log_prior, lesion_probability, numel, spatial_dims)
+from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_phase_encoders, encode_phases,
+                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
@@ -281,13 +281,8 @@ class MTINet(nn.Module):
         self.lesion_channel = lesion_channel
         self.mdief_mode = mdief
 
-        if share_encoder:
-            self.encoder = build_encoder(channels_per_phase, arch_kwargs)
-            self.encoders = None
-        else:
-            self.encoders = nn.ModuleList(build_encoder(channels_per_phase, arch_kwargs)
-                                          for _ in range(self.num_phases))
-            self.encoder = self.encoders[0]  # the decoder reads stage shapes from it
+        encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs, share_encoder)
+        self.encoder = encoder
         stage_channels: List[int] = list(self.encoder.output_channels)
         # one MdIEF per stage, shared by the phases like the encoder (batched over B x N)
         self.mdief = nn.ModuleList(MdIEF(self.conv_op, ch, arch_kwargs, mdief, hpf_cutoff) for ch in stage_channels) \
@@ -313,18 +308,10 @@ class MTINet(nn.Module):
     # ------------------------------------------------------------------ features
     def phase_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Per stage ``(B, N, C_s, *S_s)``: encoder features of every phase after MdIEF."""
-        b = x.shape[0]
-        n, cpp = self.num_phases, self.channels_per_phase
-        if x.shape[1] != n * cpp:
-            raise ValueError(f"expected {n * cpp} input channels ({n} phases x {cpp}), got {x.shape[1]}")
-        if self.encoders is None:
-            skips = self.encoder(x.reshape(b * n, cpp, *x.shape[2:]))  # one batched call over the phases
-        else:
-            per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(self.encoders)]
-            skips = [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*per_phase)]
+        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase)
         if self.mdief is not None:
             skips = [fuse(s) for fuse, s in zip(self.mdief, skips)]
-        return [s.unflatten(0, (b, n)) for s in skips]
+        return [s.unflatten(0, (x.shape[0], self.num_phases)) for s in skips]
 
     def phase_tokens(self, features: List[torch.Tensor], lesion_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """``(B, N, sum C_s)``: every stage's phase features pooled over space (the same locations in

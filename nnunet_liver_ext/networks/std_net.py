@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
-                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, mlp_head,
+                                              build_phase_encoders, encode_phases, encoder_skip_sizes, lesion_log_prior, lesion_probability, mlp_head,
                                               numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
@@ -222,15 +222,12 @@ class STDNet(nn.Module):
         spatial_dims(self.conv_op)
 
         if fusion == "early":
+            self.encoders = None
             self.encoder = build_encoder(input_channels, arch_kwargs)
-            self.encoders = None
-        elif share_encoder:
-            self.encoder = build_encoder(channels_per_phase, arch_kwargs)
-            self.encoders = None
         else:
-            self.encoders = nn.ModuleList(build_encoder(channels_per_phase, arch_kwargs)
-                                          for _ in range(self.num_phases))
-            self.encoder = self.encoders[0]  # the decoder reads stage shapes from it
+            encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs,
+                                                          share_encoder)
+            self.encoder = encoder
         stage_channels: List[int] = list(self.encoder.output_channels)
         bottleneck = stage_channels[-1]
 
@@ -267,18 +264,10 @@ class STDNet(nn.Module):
 
     def _phase_skips(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Encoder skips per stage, each ``(B, N, C_s, *S_s)`` (N = 1 for early fusion)."""
-        b = x.shape[0]
         if self.fusion == "early":
             return [s.unsqueeze(1) for s in self.encoder(x)]
-        n, cpp = self.num_phases, self.channels_per_phase
-        if x.shape[1] != n * cpp:
-            raise ValueError(f"expected {n * cpp} input channels ({n} phases x {cpp}), got {x.shape[1]}")
-        if self.encoders is None:
-            # One batched call over all phases (B * N samples): the weight sharing of the paper.
-            skips = self.encoder(x.reshape(b * n, cpp, *x.shape[2:]))
-            return [s.unflatten(0, (b, n)) for s in skips]
-        per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(self.encoders)]
-        return [torch.stack(stage, 1) for stage in zip(*per_phase)]
+        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase)
+        return [s.unflatten(0, (x.shape[0], self.num_phases)) for s in skips]
 
     def _case_feature(self, encoder_bottleneck: torch.Tensor, temporal_bottleneck: torch.Tensor,
                       log_prior: Optional[torch.Tensor], hybrid_context: Optional[torch.Tensor]) -> torch.Tensor:
