@@ -11,18 +11,9 @@ from nnunet_liver_ext.losses.inclusion import eroded_region_probability, inclusi
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.mamba_codebook import GlobalFeatureRepresentation, MambaCodebookUNet, VectorQuantizer
 from nnunet_liver_ext.networks.ssd import Mamba2SSD
+from test_std_net import plans_kwargs
 
 torch.set_num_threads(1)
-
-
-def plans_kwargs(dim: int = 3, n_stages: int = 3, features=(8, 16, 32)) -> dict:
-    """arch_kwargs as nnU-Net's plans give them (imports resolved), small enough for the CPU."""
-    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dim == 3 else (nn.Conv2d, nn.InstanceNorm2d)
-    return dict(n_stages=n_stages, features_per_stage=list(features[:n_stages]), conv_op=conv,
-                kernel_sizes=[[3] * dim] * n_stages, strides=[[1] * dim] + [[2] * dim] * (n_stages - 1),
-                n_conv_per_stage=[1] * n_stages, n_conv_per_stage_decoder=[1] * (n_stages - 1), conv_bias=True,
-                norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
-                dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
 
 
 def make(dim=3, deep_supervision=False, in_channels=2, **kwargs) -> MambaCodebookUNet:
