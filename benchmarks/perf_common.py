@@ -8,7 +8,25 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_cpu_flash_attention() -> None:
+    """Torch up to 2.11 (the GPU machine's) counts no FLOPs for the CPU flash-attention kernels, which it
+    runs for ``scaled_dot_product_attention`` on the CPU: there they get the CUDA flash kernels' formulas
+    (the same arguments, led by query, key, value and, backward, the output's gradient), as newer torch
+    registers them itself. Called at import."""
+    aten = torch.ops.aten
+    pairs = ((getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop),
+             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+              flop_counter.sdpa_backward_flop))
+    for op, formula in pairs:
+        if op is not None and op not in flop_counter.flop_registry and op.default not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula: already shape-wrapped
+
+
+count_cpu_flash_attention()
 
 
 def synchronize(device: torch.device) -> None:

@@ -67,10 +67,17 @@ def encode_phases(x: torch.Tensor, encoder: nn.Module, encoders: Optional[nn.Mod
     per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(encoders)]
     return [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*per_phase)]
 
+
+# Asked once, at import: torch.compile up to torch 2.11 (the GPU machine's) cannot trace the C function
+# behind torch.amp.is_autocast_available and breaks the graph there; a set lookup it folds into a constant.
+AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla",
+                                              "privateuseone") if torch.amp.is_autocast_available(t))
+
+
 def autocast_off(device_type: str):
     """A region that runs in the tensors' own dtype whatever autocast does (fp32 scans, norms, distances);
     a no-op on devices without autocast (e.g. ``meta``, used for FLOP counting)."""
-    if torch.amp.is_autocast_available(device_type):
+    if device_type in AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
