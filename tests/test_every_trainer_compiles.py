@@ -102,11 +102,22 @@ def test_compiled_training_steps_equal_eager_ones(nnunet_folders, name):  # noqa
 def test_inductor_training_steps_equal_eager_ones(nnunet_folders, name):  # noqa: F811
     """nnU-Net's own compile call (``torch.compile(network)``: inductor) on the CPU: generated C++ instead
     of Triton, but the same decompositions, fusions and buffer handling. ``fallback_random``: inductor's own
-    random numbers (dropout, the codebook's candidates) differ from eager's by design; the test wants the
-    same ones."""
+    random numbers (the codebook's candidates) differ from eager's by design; the test wants the same ones.
+    Dropout off in both runs: under torch 2.11 (the GPU machine's) ``fallback_random`` still draws the
+    Transformer's attention-dropout masks in another order than eager (STD-Net's loss 1.3298 vs 1.3235 with
+    dropout, equal to 1e-7 without); dropout itself is compared under ``aot_eager`` above."""
     import torch._inductor.config
 
     with torch._inductor.config.patch(fallback_random=True):
-        compiled = _train(name, torch.compile, steps=1)
+        compiled = _train(name, lambda network: torch.compile(_without_dropout(network)), steps=1)
     # one step: after it, the weights differ by rounding, which can move a codebook assignment (an argmin)
-    _assert_same_training(_train(name, steps=1), compiled, 1e-2)
+    _assert_same_training(_train(name, _without_dropout, steps=1), compiled, 1e-2)
+
+
+def _without_dropout(network: torch.nn.Module) -> torch.nn.Module:
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+    return network
