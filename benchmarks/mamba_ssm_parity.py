@@ -200,13 +200,15 @@ def markdown(results: dict) -> str:
     for case in results["cases"]:
         for label in (k for k in case if k == "scan" or k.startswith("Mamba2(")):
             c = case[label]
-            head = f"| {case['d_model']} | {case['headdim']} | {case['ngroups']} | {case['length']} | {case['batch']} | {label} "
+            head = "| " + " | ".join(str(case[k]) for k in ("d_model", "headdim", "ngroups", "length", "batch")) \
+                + f" | {label} "
             if "error" in c:
                 lines.append(head + f"| {c['error']} | | no |")
                 continue
             grads = "not compared (CPU)"
             if c["grads"] is not None:
-                name, worst = max(c["grads"].items(), key=lambda kv: kv[1]["max_abs_diff"] / max(kv[1]["max_abs_ref"], 1e-12))
+                name, worst = max(c["grads"].items(),
+                                  key=lambda kv: kv[1]["max_abs_diff"] / max(kv[1]["max_abs_ref"], 1e-12))
                 grads = f"{name}: {worst['max_abs_diff']:.2e} ({worst['max_abs_ref']:.3g})"
             lines.append(head + f"| {c['forward']['max_abs_diff']:.2e} ({c['forward']['max_abs_ref']:.3g}) | {grads} "
                                 f"| {'yes' if c['ok'] else 'NO'} |")

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from nnunet_liver_ext.networks.contract import unwrap_network
-import perf_common  # noqa: F401,E402  (FLOP formulas older torch lacks; benchmarks/ is on sys.path)
+import perf_common  # noqa: F401  (FLOP formulas older torch lacks; benchmarks/ is on sys.path)
 
 PART_PREFIX = "part::"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function"

@@ -41,7 +41,6 @@ def build_encoder(input_channels: int, arch_kwargs: dict) -> Union[PlainConvEnco
                             return_skips=True, **common)
 
 
-
 def build_phase_encoders(num_phases: int, channels_per_phase: int, arch_kwargs: dict,
                          share: bool) -> Tuple[nn.Module, Optional[nn.ModuleList]]:
     """``(encoder, encoders)`` for ``num_phases`` phase images of ``channels_per_phase`` channels each:

@@ -46,7 +46,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_phase_encoders, encode_phases,
-                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, numel, spatial_dims)
+                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, numel,
+                                              spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
@@ -61,9 +62,9 @@ def fourier_filter(x: torch.Tensor, transfer: torch.Tensor, dims: Tuple[int, ...
 class SymmetricFourierFilter(torch.autograd.Function):
     """:func:`fourier_filter` with a real ``transfer``: a circular convolution with a real kernel that is
     symmetric about the origin, i.e. a self-adjoint operator, so its gradient is the same filter applied
-    to the incoming gradient (a complex transfer, a shift say, would need its conjugate). Autograd's own backward of ``rfftn``
-    runs a complex-to-complex FFT over the full grid after zero-filling it; this one is another real FFT
-    pair (MdIEF's filters at the CPU benchmark's sizes, forward and backward: 235 ms instead of 278,
+    to the incoming gradient (a complex transfer, a shift say, would need its conjugate). Autograd's own
+    backward of ``rfftn`` runs a complex-to-complex FFT over the full grid after zero-filling it; this one
+    is another real FFT pair (MdIEF's filters at the CPU benchmark's sizes, forward and backward: 235 ms instead of 278,
     median of 8 on the CPU; the same memory)."""
 
     @staticmethod
@@ -281,7 +282,8 @@ class MTINet(nn.Module):
         self.lesion_channel = lesion_channel
         self.mdief_mode = mdief
 
-        encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs, share_encoder)
+        encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs,
+                                                      share_encoder)
         self.encoder = encoder
         stage_channels: List[int] = list(self.encoder.output_channels)
         # one MdIEF per stage, shared by the phases like the encoder (batched over B x N)

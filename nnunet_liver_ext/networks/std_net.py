@@ -34,8 +34,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
-                                              build_phase_encoders, encode_phases, encoder_skip_sizes, lesion_log_prior, lesion_probability, mlp_head,
-                                              numel, spatial_dims)
+                                              build_phase_encoders, encode_phases, encoder_skip_sizes,
+                                              lesion_log_prior, lesion_probability, mlp_head, numel, spatial_dims)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
