@@ -37,9 +37,10 @@ On the CPU machine:
     pip install --no-deps --target /tmp/mamba_site .whl/rest/mamba_ssm-*.whl
     PYTHONPATH=/tmp/mamba_site python benchmarks/mamba_ssm_parity.py --device cpu
 
-On the GPU machine, after ../shared/GPU.md's step 2, with ``.whl/rest`` carried:
+On the GPU machine, after ../shared/GPU.md's step 2, with ``.whl/rest`` carried (then copy
+``$OUT/mamba_ssm_parity_gpu/`` to benchmarks/results/):
 
-    source benchmarks/gpu_env.sh && python3 benchmarks/mamba_ssm_parity.py --out $OUT/mamba_ssm_parity_gpu
+    bash benchmarks/mamba_ssm_parity_gpu.sh
 """
 from __future__ import annotations
 
