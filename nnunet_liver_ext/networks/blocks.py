@@ -67,10 +67,20 @@ def encode_phases(x: torch.Tensor, encoder: nn.Module, encoders: Optional[nn.Mod
     return [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*per_phase)]
 
 
+def _autocast_device_types() -> frozenset:
+    found = set()
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "privateuseone"):
+        try:
+            if torch.amp.is_autocast_available(device_type):
+                found.add(device_type)
+        except RuntimeError:  # a device type this torch build does not know
+            pass
+    return frozenset(found)
+
+
 # Asked once, at import: torch.compile up to torch 2.11 (the GPU machine's) cannot trace the C function
 # behind torch.amp.is_autocast_available and breaks the graph there; a set lookup it folds into a constant.
-AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla",
-                                              "privateuseone") if torch.amp.is_autocast_available(t))
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
 
 
 def autocast_off(device_type: str):
