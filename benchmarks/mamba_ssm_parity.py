@@ -61,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nnunet_liver_ext.networks import ssd  # noqa: E402
+from perf_common import synchronize  # noqa: E402  (this script's folder is on sys.path)
 
 # (d_model, headdim, ngroups, length, batch): small heads over a long sequence; the default plans' 320
 # bottleneck features, short and long; two groups of B/C over a length that is no multiple of the chunk size
@@ -149,14 +150,13 @@ def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor) -> dict:
 
 
 def timed(fn, device: torch.device, repeats: int = 20) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         fn()
-    sync()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync()
+    synchronize(device)
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
