@@ -144,9 +144,9 @@ def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor) -> dict:
     y, g = forward_and_grads(theirs, u, weight)
     if set(g) != set(g_ref):
         raise RuntimeError(f"parameter names differ: {sorted(set(g) ^ set(g_ref))}")
+    forward = compare(y, y_ref)
     grads = {name: compare(g[name], g_ref[name]) for name in g_ref}
-    return {"forward": compare(y, y_ref), "grads": grads,
-            "ok": compare(y, y_ref)["ok"] and all(c["ok"] for c in grads.values())}
+    return {"forward": forward, "grads": grads, "ok": forward["ok"] and all(c["ok"] for c in grads.values())}
 
 
 def timed(fn, device: torch.device, repeats: int = 20) -> float:
