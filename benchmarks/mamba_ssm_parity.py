@@ -1,6 +1,6 @@
 """Parity of the package's pure-PyTorch Mamba2 block (``networks.ssd.Mamba2SSD``, chunked SSD in PyTorch)
-against mamba-ssm on the same weights (issue 11): forward outputs and, on CUDA, gradients (input and every
-parameter, by name). Tolerance: max abs difference <= 1e-3 * max abs reference value (fp32).
+against mamba-ssm on the same weights (issue 11): forward outputs and gradients (input and every parameter,
+by name; not with the reference kernels). Tolerance: max abs difference <= 1e-3 * max abs reference value (fp32).
 
 Two comparisons, on the same random input and one state dict:
 
@@ -16,12 +16,17 @@ mamba-ssm's Triton kernels; ``Mamba2`` through both of its paths (``use_mem_eff_
 fused path, which needs the compiled ``causal_conv1d``: tried, and its error reported when it fails); fp16
 autocast; latency of a forward+backward of each. Results: benchmarks/results/mamba_ssm_parity_gpu/.
 
-``--device cpu``: Triton kernels do not run on a CPU, so mamba-ssm's own PyTorch references of the two
-kernels ``Mamba2.forward`` calls on its unfused path stand in for them (``ssd_chunk_scan_combined_ref``
-for ``mamba_chunk_scan_combined``, ``rms_norm_ref`` for ``RMSNormGated``); every other line is
-mamba-ssm's. Forward only (``parity`` says why). This checks the layout and the data flow around the
-kernels, not the kernels. Results:
-benchmarks/results/mamba_ssm_parity_cpu/.
+``--device cpu`` (default ``--kernels triton``): mamba-ssm's own Triton kernels, the chunked scan's and
+``RMSNormGated``'s, forward and backward, run on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``; :func:`interpreter_patches` lists the CUDA queries answered for a CPU tensor).
+Forward and every gradient are compared, through ``Mamba2``'s unfused path (the fused one needs the
+compiled ``causal_conv1d``). This checks the kernels' arithmetic in fp32, not their speed and not their
+GPU numerics (TF32 matrix products, fp16): those are the GPU's part. Results:
+benchmarks/results/mamba_ssm_parity_cpu_interpreter/.
+
+``--device cpu --kernels reference``: mamba-ssm's PyTorch references of the two kernels
+(``ssd_chunk_scan_combined_ref``, ``rms_norm_ref``) stand in for them; forward only (``parity`` says why).
+Seconds instead of minutes. Results: benchmarks/results/mamba_ssm_parity_cpu_reference/.
 
 mamba-ssm is a source archive that needs a CUDA build; its pure-Python wheel (Triton kernels, no
 compiled extension) is enough here: ``bash benchmarks/mamba_ssm_wheel.sh`` builds it into ``.whl/rest``,
@@ -35,7 +40,7 @@ On the CPU machine:
 
     bash benchmarks/mamba_ssm_wheel.sh
     pip install --no-deps --target /tmp/mamba_site .whl/rest/mamba_ssm-*.whl
-    PYTHONPATH=/tmp/mamba_site python benchmarks/mamba_ssm_parity.py --device cpu
+    PYTHONPATH=/tmp/mamba_site python benchmarks/mamba_ssm_parity.py --device cpu [--kernels reference]
 
 On the GPU machine, after ../shared/GPU.md's step 2, with ``.whl/rest`` carried (then copy
 ``$OUT/mamba_ssm_parity_gpu/`` to benchmarks/results/):
@@ -48,6 +53,8 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +74,7 @@ from perf_common import synchronize  # noqa: E402  (this script's folder is on s
 # bottleneck features, short and long; two groups of B/C over a length that is no multiple of the chunk size
 GPU_CASES = ((104, 16, 1, 6144, 2), (320, 64, 1, 64, 2), (320, 64, 1, 4096, 2), (128, 32, 2, 600, 2))
 CPU_CASES = ((104, 16, 1, 1536, 2), (320, 64, 1, 64, 2), (320, 64, 1, 600, 1), (128, 32, 2, 300, 2))
+QUICK_CASES = ((64, 16, 1, 300, 1), (64, 16, 2, 64, 2))
 TOLERANCE = 1e-3
 
 
@@ -115,6 +123,56 @@ def reference_patches() -> List[Tuple[object, str, object]]:
             (ssd, "resolve_backend", resolve_backend)]
 
 
+def interpreter_patches() -> List[Tuple[object, str, object]]:
+    """CPU: ``(object, attribute, value)`` under which mamba-ssm's own Triton kernels run on CPU tensors in
+    Triton's interpreter (a process started with ``TRITON_INTERPRET=1``: :func:`interpreted_rerun`).
+    mamba-ssm's launchers ask the CUDA runtime for two things a CPU tensor has no answer to:
+    ``torch.cuda.device(tensor.device.index)`` around each launch (a no-op here) and the multiprocessor
+    count that sizes the grid of one backward kernel (any positive count computes the same sums, in
+    another order). The interpreter has no benchmarker, so every autotuner keeps its first configuration
+    (block sizes: the order of the sums, not what is summed). Our block's ``mamba_ssm`` backend is pointed
+    at the same kernel (it resolves to the kernel on CUDA only)."""
+    import contextlib
+    import types
+
+    from mamba_ssm.ops.triton import (layernorm_gated, ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined,
+                                      ssd_state_passing)
+    from triton.runtime.autotuner import Autotuner
+
+    cuda_device = torch.cuda.device
+
+    def device_or_nothing(index):
+        return contextlib.nullcontext() if index is None else cuda_device(index)
+
+    properties = torch.cuda.get_device_properties
+
+    def properties_or_cpu(device=None):
+        if torch.device(device if device is not None else "cpu").type == "cpu":
+            return types.SimpleNamespace(multi_processor_count=os.cpu_count() or 1)
+        return properties(device)
+
+    def resolve_backend(device, requested="auto"):
+        return "mamba_ssm" if requested == "mamba_ssm" else "torch"
+
+    patches = [(torch.cuda, "device", device_or_nothing),
+               (torch.cuda, "get_device_properties", properties_or_cpu),
+               (ssd, "mamba_ssm_scan", lambda: ssd_combined.mamba_chunk_scan_combined),
+               (ssd, "resolve_backend", resolve_backend)]
+    for module in (ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined, ssd_state_passing, layernorm_gated):
+        patches += [(kernel, "configs", kernel.configs[:1]) for kernel in vars(module).values()
+                    if isinstance(kernel, Autotuner)]
+    return patches
+
+
+def interpreted_rerun(argv: List[str]) -> int:
+    """Runs this script again with ``TRITON_INTERPRET=1`` and returns its exit status. Triton fixes its
+    own standard library (``tl.sum``, ``tl.cumsum``...) as compiled or interpreted when it is first
+    imported, and importing the package's networks imports it through torch's native operators: the
+    interpreter needs a process that has the variable from its start."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env).returncode
+
+
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     diff = (a.float() - b.float()).abs().max().item()
     scale = b.float().abs().max().item()
@@ -130,12 +188,11 @@ def forward_and_grads(module: nn.Module, u: torch.Tensor, weight: torch.Tensor):
     return y.detach(), dict(zip(("input", *names), grads))
 
 
-def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor) -> dict:
-    """Forward, and on CUDA the gradients. On the CPU the stand-in scan's backward is NaN by construction
-    (``chunk_scan_ref`` exponentiates the decay above the causal diagonal, where it overflows, before masking
-    it), and gradients add nothing there: every line outside the kernels is differentiable PyTorch, so equal
-    outputs for random inputs and weights mean the same function; the kernels' backward is the GPU's part."""
-    if u.device.type == "cpu":
+def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor, grads: bool) -> dict:
+    """Forward and, with ``grads``, the gradients of the input and of every parameter. Without: the
+    reference kernels' mode, whose stand-in scan has a NaN backward by construction (``chunk_scan_ref``
+    exponentiates the decay above the causal diagonal, where it overflows, before masking it)."""
+    if not grads:
         with torch.no_grad():
             forward = compare(theirs(u), ours(u))
         return {"forward": forward, "grads": None, "ok": forward["ok"]}
@@ -160,7 +217,8 @@ def timed(fn, device: torch.device, repeats: int = 20) -> float:
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
-def run_case(device: torch.device, d_model: int, headdim: int, ngroups: int, length: int, batch: int) -> dict:
+def run_case(device: torch.device, kernels: str, d_model: int, headdim: int, ngroups: int, length: int,
+             batch: int) -> dict:
     from mamba_ssm.modules.mamba2 import Mamba2
 
     torch.manual_seed(0)
@@ -169,14 +227,16 @@ def run_case(device: torch.device, d_model: int, headdim: int, ngroups: int, len
     ours_kernel = ssd.Mamba2SSD(d_model, backend="mamba_ssm", **config).to(device)
     ours_kernel.load_state_dict(ours.state_dict(), strict=True)
     u = torch.randn(batch, length, d_model, device=device)
+    grads = kernels == "triton"  # the reference scan's backward is NaN (parity says why)
     case = {"d_model": d_model, "headdim": headdim, "ngroups": ngroups, "length": length, "batch": batch,
-            "scan": parity(ours, ours_kernel, u)}
+            "scan": parity(ours, ours_kernel, u, grads)}
+    # the fused path needs the compiled causal_conv1d, which only a CUDA machine can build
     for mem_eff in ((False,) if device.type == "cpu" else (False, True)):
         label = f"Mamba2(use_mem_eff_path={mem_eff})"
         try:
             theirs = Mamba2(d_model, use_mem_eff_path=mem_eff, **config).to(device)
             theirs.load_state_dict(ours.state_dict(), strict=True)
-            case[label] = parity(ours, theirs, u)
+            case[label] = parity(ours, theirs, u, grads)
             if device.type == "cuda":
                 case[label]["ms_fwd_bwd"] = timed(lambda: theirs(u).sum().backward(), device)
         except Exception as error:  # reported, not hidden
@@ -194,8 +254,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Mamba2 block parity against mamba-ssm ({results['device_name']})", "",
              f"Produced by `{results['command']}`; torch {results['torch']}, mamba-ssm "
              f"{results['notes']['mamba_ssm_version']}. {results['what']} Tolerance: max abs difference <= "
-             f"{TOLERANCE:g} x max abs reference value; gradients (CUDA only): input and every parameter by name, "
-             "worst shown.",
+             f"{TOLERANCE:g} x max abs reference value; gradients (not with the reference kernels): input and every "
+             "parameter by name, worst shown.",
              "", "| d_model | headdim | ngroups | length | batch | comparison | forward max abs diff (ref max) "
                  "| worst gradient: name, max abs diff (ref max) | ok |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
@@ -206,7 +266,7 @@ def markdown(results: dict) -> str:
             if "error" in c:
                 lines.append(head + f"| {c['error']} | | no |")
                 continue
-            grads = "not compared (CPU)"
+            grads = "not compared (reference kernels)"
             if c["grads"] is not None:
                 name, worst = max(c["grads"].items(),
                                   key=lambda kv: kv[1]["max_abs_diff"] / max(kv[1]["max_abs_ref"], 1e-12))
@@ -216,37 +276,60 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+WHAT = {"cuda": "CUDA: mamba-ssm's Triton kernels.",
+        "cpu_interpreter": "CPU: mamba-ssm's own Triton kernels (the scan's and RMSNormGated's, forward and backward) "
+                           "in Triton's interpreter (TRITON_INTERPRET=1): the kernels' arithmetic, not their speed or "
+                           "their GPU numerics (TF32, fp16).",
+        "cpu_reference": "CPU: mamba-ssm's PyTorch references stand in for its Triton kernels "
+                         "(ssd_chunk_scan_combined_ref, rms_norm_ref); the rest of mamba_ssm.Mamba2.forward is "
+                         "mamba-ssm's own code."}
+
+
 def main(argv: Iterable[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kernels", choices=["triton", "reference"], default="triton",
+                        help="mamba-ssm's Triton kernels (on the CPU in Triton's interpreter), or its PyTorch "
+                             "references of them (forward only)")
+    parser.add_argument("--cases", choices=["gpu", "cpu", "quick"], default=None,
+                        help="shapes: default gpu on CUDA, cpu on the CPU; quick: the smallest CPU ones")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/results/mamba_ssm_parity_<device>")
+                        help="default: benchmarks/results/mamba_ssm_parity_<gpu|cpu_interpreter|cpu_reference>")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA GPU")
+    mode = "cuda" if device.type == "cuda" else f"cpu_{'interpreter' if args.kernels == 'triton' else 'reference'}"
+    if mode == "cuda" and args.kernels == "reference":
+        sys.exit("--kernels reference is the CPU's stand-in; on CUDA the kernels run")
+    if mode == "cpu_interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit(interpreted_rerun(sys.argv[1:] if argv is None else list(argv)))
     notes = import_mamba_ssm()
-    if device.type == "cpu":
-        for target, attribute, value in reference_patches():
+    if mode != "cuda":
+        for target, attribute, value in (interpreter_patches() if mode == "cpu_interpreter" else reference_patches()):
             setattr(target, attribute, value)
-        what = ("CPU: mamba-ssm's PyTorch references stand in for its Triton kernels (ssd_chunk_scan_combined_ref, "
-                "rms_norm_ref); the rest of mamba_ssm.Mamba2.forward is mamba-ssm's own code.")
     else:
         ssd.mamba_ssm_scan.cache_clear()
-        what = "CUDA: mamba-ssm's Triton kernels."
-    results = {"notes": notes, "what": what, "torch": torch.__version__,
+    command = " ".join(["python benchmarks/mamba_ssm_parity.py --device", args.device]
+                       + (["--kernels", args.kernels] if args.kernels != "triton" else [])
+                       + (["--cases", args.cases] if args.cases else []))
+    results = {"notes": notes, "what": WHAT[mode], "torch": torch.__version__, "mode": mode,
                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-               "command": "python benchmarks/mamba_ssm_parity.py --device " + args.device, "tolerance": TOLERANCE,
-               "cases": []}
-    for case in (CPU_CASES if device.type == "cpu" else GPU_CASES):
-        results["cases"].append(run_case(device, *case))
+               "command": command, "tolerance": TOLERANCE, "cases": []}
+    cases = {"gpu": GPU_CASES, "cpu": CPU_CASES, "quick": QUICK_CASES}[args.cases or device.type.replace("cuda", "gpu")]
+    for case in cases:
+        start = time.perf_counter()
+        results["cases"].append(run_case(device, args.kernels, *case))
+        results["cases"][-1]["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
     results["all_ok"] = all(c[k]["ok"] for c in results["cases"] for k in c if k == "scan" or k.startswith("Mamba2("))
-    out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{device.type}"
+    out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{'gpu' if mode == 'cuda' else mode}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "parity.json").write_text(json.dumps(results, indent=2))
     (out / "parity.md").write_text(markdown(results))
     print(markdown(results))
+    if not results["all_ok"]:
+        sys.exit("parity NOT met: see " + str(out / "parity.md"))
 
 
 if __name__ == "__main__":

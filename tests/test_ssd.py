@@ -1,7 +1,10 @@
 """The pure-PyTorch Mamba2 (SSD) block against a step-by-step recurrence written here from the same
 parameters, forward and gradients, on the CPU; mamba_ssm.Mamba2's parameter layout; fp32 scan."""
 import importlib.util
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,8 +202,8 @@ def test_block_equals_mamba_ssm_mamba2_around_its_kernels(monkeypatch):
     theirs = Mamba2(128, use_mem_eff_path=False, **config)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     u = torch.randn(2, 300, 128)  # not a multiple of the chunk size
-    assert parity.parity(ours, ours_via_their_scan, u)["ok"]
-    assert parity.parity(ours, theirs, u)["ok"]
+    assert parity.parity(ours, ours_via_their_scan, u, grads=False)["ok"]
+    assert parity.parity(ours, theirs, u, grads=False)["ok"]
 
     state = ours.state_dict()
     d_inner, bc = ours.d_inner, ours.ngroups * ours.d_state
@@ -208,4 +211,27 @@ def test_block_equals_mamba_ssm_mamba2_around_its_kernels(monkeypatch):
     b_rows, c_rows = slice(2 * d_inner, 2 * d_inner + bc), slice(2 * d_inner + bc, 2 * d_inner + 2 * bc)
     weight[b_rows], weight[c_rows] = state["in_proj.weight"][c_rows], state["in_proj.weight"][b_rows]
     theirs.load_state_dict({**state, "in_proj.weight": weight}, strict=True)
-    assert not parity.parity(ours, theirs, u)["ok"]
+    assert not parity.parity(ours, theirs, u, grads=False)["ok"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None or importlib.util.find_spec("triton") is None,
+                    reason="mamba-ssm or Triton is not installed (benchmarks/mamba_ssm_parity.py says how to build "
+                           "mamba-ssm's wheel)")
+def test_block_equals_mamba_ssm_triton_kernels_in_the_interpreter(tmp_path):
+    """mamba-ssm's own Triton kernels (the chunked scan and RMSNormGated, forward and backward) in Triton's CPU
+    interpreter: mamba_ssm.Mamba2 with our state dict, and our block calling mamba-ssm's scan, give our block's
+    output and the gradients of the input and of every parameter. The script runs in its own process, which
+    the interpreter needs from the start. A scan comparison with no difference at all would mean our own
+    scan ran on both sides."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mamba_ssm_parity.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--cases", "quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "parity.json").read_text())
+    assert results["mode"] == "cpu_interpreter" and results["all_ok"]
+    names = {"input"} | {name for name, _ in Mamba2SSD(64, d_state=16, headdim=16).named_parameters()}
+    for case in results["cases"]:
+        for label in ("scan", "Mamba2(use_mem_eff_path=False)"):
+            assert set(case[label]["grads"]) == names, label
+        assert 0 < case["scan"]["forward"]["max_abs_diff"]
+        assert any(0 < g["max_abs_diff"] for g in case["scan"]["grads"].values())

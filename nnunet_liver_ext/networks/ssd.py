@@ -11,8 +11,9 @@ CPU machine (../shared/DESIGN.md, "Dependencies"), so it stays the optional extr
     norm.weight      (d_inner,)             gated RMSNorm, norm(x * silu(z)) per group
     out_proj.weight  (d_model, d_inner)
 
-so one state dict loads under either backend (checked against mamba-ssm 2.3.2's own ``Mamba2`` on the
-CPU, its Triton kernels replaced by its PyTorch references: benchmarks/mamba_ssm_parity.py).
+so one state dict loads under either backend (checked against mamba-ssm 2.3.2's own ``Mamba2``,
+forward and gradients, with its Triton kernels run on the CPU by Triton's interpreter:
+benchmarks/mamba_ssm_parity.py).
 
 Backends (chosen per call, logged once per process and kind):
 - ``torch``: the chunked, matmul-based SSD algorithm (``ssd_minimal_discrete`` of mamba-ssm,
