@@ -2,14 +2,17 @@
 against mamba-ssm on the same weights (issue 11): forward outputs and gradients (input and every parameter,
 by name; not with the reference kernels). Tolerance: max abs difference <= 1e-3 * max abs reference value (fp32).
 
-Two comparisons, on the same random input and one state dict:
+Comparisons, on the same random input and one state dict:
 
 1. ``scan``: ours with ``backend="torch"`` against ours with the scan in mamba-ssm's
    ``mamba_chunk_scan_combined`` (``backend="mamba_ssm"``: everything else identical), which checks how
    our block calls mamba-ssm's scan;
 2. ``Mamba2``: ours against ``mamba_ssm.Mamba2`` itself with our state dict loaded (strict), which
    checks the parameter layout and everything around the scan (projection split order, causal conv,
-   dt, gated norm).
+   dt, gated norm);
+3. ``scan, torch.compile``: ours calling mamba-ssm's scan, compiled (inductor on CUDA, aot_eager on the
+   CPU), against ours eager: the kernel stays outside the graph (``ssd.mamba_ssm_chunk_scan``), the rest
+   compiles around it (the graph count is recorded) and gives the same output and gradients.
 
 ``--device cuda`` (issue 11's GPU evidence; NOT YET RUN, no session so far had the GPU machine):
 mamba-ssm's Triton kernels; ``Mamba2`` through both of its paths (``use_mem_eff_path=False``, and the
@@ -196,7 +199,7 @@ def parity(ours: nn.Module, theirs: nn.Module, u: torch.Tensor, grads: bool) -> 
         with torch.no_grad():
             forward = compare(theirs(u), ours(u))
         return {"forward": forward, "grads": None, "ok": forward["ok"]}
-    weight = torch.randn(u.shape[:-1] + (ours.d_model,), device=u.device)
+    weight = torch.randn(u.shape[:-1] + (ours.d_model,), generator=torch.Generator().manual_seed(1)).to(u.device)
     y_ref, g_ref = forward_and_grads(ours, u, weight)
     y, g = forward_and_grads(theirs, u, weight)
     if set(g) != set(g_ref):
@@ -230,6 +233,17 @@ def run_case(device: torch.device, kernels: str, d_model: int, headdim: int, ngr
     grads = kernels == "triton"  # the reference scan's backward is NaN (parity says why)
     case = {"d_model": d_model, "headdim": headdim, "ngroups": ngroups, "length": length, "batch": batch,
             "scan": parity(ours, ours_kernel, u, grads)}
+    if grads:
+        # the kernel is kept out of the compiled graph (ssd.mamba_ssm_chunk_scan); the rest compiles around it
+        compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
+        ours_compiled = ssd.Mamba2SSD(d_model, backend="mamba_ssm", **config).to(device)
+        ours_compiled.load_state_dict(ours.state_dict(), strict=True)
+        explained = torch._dynamo.explain(ours_compiled)(u)  # expected: 2 graphs, split at the kernel
+        torch._dynamo.reset()
+        ours_compiled.compile(backend=compile_backend)  # in place: the parameter names stay
+        label = f"scan, torch.compile({compile_backend}): {explained.graph_count} graphs"
+        case[label] = parity(ours, ours_compiled, u, grads)
+        case[label]["graph_breaks"] = [str(reason.reason).split("\n")[0] for reason in explained.break_reasons]
     # the fused path needs the compiled causal_conv1d, which only a CUDA machine can build
     for mem_eff in ((False,) if device.type == "cpu" else (False, True)):
         label = f"Mamba2(use_mem_eff_path={mem_eff})"
@@ -247,7 +261,13 @@ def run_case(device: torch.device, kernels: str, d_model: int, headdim: int, ngr
         x = u.detach().requires_grad_(True)
         case["ms_fwd_bwd_torch"] = timed(lambda: ours(x).sum().backward(), device)
         case["ms_fwd_bwd_kernel"] = timed(lambda: ours_kernel(x).sum().backward(), device)
+        case["ms_fwd_bwd_kernel_compiled"] = timed(lambda: ours_compiled(x).sum().backward(), device)
     return case
+
+
+def comparisons(case: dict) -> List[str]:
+    """The labels of a case's parity comparisons (the table's rows; fp16 and timings are reported apart)."""
+    return [label for label in case if label.startswith(("scan", "Mamba2("))]
 
 
 def markdown(results: dict) -> str:
@@ -259,7 +279,7 @@ def markdown(results: dict) -> str:
              "", "| d_model | headdim | ngroups | length | batch | comparison | forward max abs diff (ref max) "
                  "| worst gradient: name, max abs diff (ref max) | ok |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
-        for label in (k for k in case if k == "scan" or k.startswith("Mamba2(")):
+        for label in comparisons(case):
             c = case[label]
             head = "| " + " | ".join(str(case[k]) for k in ("d_model", "headdim", "ngroups", "length", "batch")) \
                 + f" | {label} "
@@ -273,6 +293,24 @@ def markdown(results: dict) -> str:
                 grads = f"{name}: {worst['max_abs_diff']:.2e} ({worst['max_abs_ref']:.3g})"
             lines.append(head + f"| {c['forward']['max_abs_diff']:.2e} ({c['forward']['max_abs_ref']:.3g}) | {grads} "
                                 f"| {'yes' if c['ok'] else 'NO'} |")
+    timed_cases = [case for case in results["cases"] if "ms_fwd_bwd_torch" in case]
+    if timed_cases:
+        lines += ["", "Forward+backward of one block, ms (mean of 20 after 3 warm-up ones); x: ours with the PyTorch "
+                      "scan over mamba-ssm's fastest Mamba2 path; fp16: our block calling the kernel under fp16 "
+                      "autocast against our fp32 block (max abs diff, ref max).", "",
+                  "| d_model | headdim | ngroups | length | batch | ours, PyTorch scan | ours, mamba-ssm scan "
+                  "| the same, compiled | Mamba2 unfused | Mamba2 fused | x | fp16 autocast |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for case in timed_cases:
+            theirs = [case.get(f"Mamba2(use_mem_eff_path={fused})", {}).get("ms_fwd_bwd") for fused in (False, True)]
+            fastest = min((ms for ms in theirs if ms), default=None)
+            fp16 = case["fp16_autocast_scan"]
+            cells = [str(case[k]) for k in ("d_model", "headdim", "ngroups", "length", "batch")]
+            cells += [f"{case[k]:.3g}" for k in ("ms_fwd_bwd_torch", "ms_fwd_bwd_kernel", "ms_fwd_bwd_kernel_compiled")]
+            cells += [f"{ms:.3g}" if ms else "failed" for ms in theirs]
+            cells += [f"{case['ms_fwd_bwd_torch'] / fastest:.2f}" if fastest else "-",
+                      f"{fp16['max_abs_diff']:.2e} ({fp16['max_abs_ref']:.3g})"]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +360,7 @@ def main(argv: Iterable[str] = None) -> None:
         results["cases"].append(run_case(device, args.kernels, *case))
         results["cases"][-1]["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
-    results["all_ok"] = all(c[k]["ok"] for c in results["cases"] for k in c if k == "scan" or k.startswith("Mamba2("))
+    results["all_ok"] = all(c[label]["ok"] for c in results["cases"] for label in comparisons(c))
     out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{'gpu' if mode == 'cuda' else mode}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "parity.json").write_text(json.dumps(results, indent=2))

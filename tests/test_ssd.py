@@ -219,10 +219,10 @@ def test_block_equals_mamba_ssm_mamba2_around_its_kernels(monkeypatch):
                            "mamba-ssm's wheel)")
 def test_block_equals_mamba_ssm_triton_kernels_in_the_interpreter(tmp_path):
     """mamba-ssm's own Triton kernels (the chunked scan and RMSNormGated, forward and backward) in Triton's CPU
-    interpreter: mamba_ssm.Mamba2 with our state dict, and our block calling mamba-ssm's scan, give our block's
-    output and the gradients of the input and of every parameter. The script runs in its own process, which
-    the interpreter needs from the start. A scan comparison with no difference at all would mean our own
-    scan ran on both sides."""
+    interpreter: mamba_ssm.Mamba2 with our state dict, and our block calling mamba-ssm's scan, eager and
+    compiled, give our block's output and the gradients of the input and of every parameter. The script runs
+    in its own process, which the interpreter needs from the start. A scan comparison with no difference at all
+    would mean our own scan ran on both sides."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "mamba_ssm_parity.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--cases", "quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
@@ -231,7 +231,37 @@ def test_block_equals_mamba_ssm_triton_kernels_in_the_interpreter(tmp_path):
     assert results["mode"] == "cpu_interpreter" and results["all_ok"]
     names = {"input"} | {name for name, _ in Mamba2SSD(64, d_state=16, headdim=16).named_parameters()}
     for case in results["cases"]:
-        for label in ("scan", "Mamba2(use_mem_eff_path=False)"):
+        compiled = "scan, torch.compile(aot_eager): 2 graphs"  # split at the kernel, which stays eager
+        for label in ("scan", "Mamba2(use_mem_eff_path=False)", compiled):
             assert set(case[label]["grads"]) == names, label
+        (graph_break,) = case[compiled]["graph_breaks"]
+        assert "torch.compiler.disable" in graph_break
         assert 0 < case["scan"]["forward"]["max_abs_diff"]
         assert any(0 < g["max_abs_diff"] for g in case["scan"]["grads"].values())
+
+
+def test_parity_report_of_a_gpu_run(monkeypatch):
+    """The GPU run's report (its only chance may be one short session): every comparison a row, a failed
+    path reported as failed, the speed table with the ratio over mamba-ssm's fastest path that ran."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mamba_ssm_parity as parity
+
+    close = {"max_abs_diff": 1e-6, "max_abs_ref": 2.0, "ok": True}
+    case = {"d_model": 320, "headdim": 64, "ngroups": 1, "length": 4096, "batch": 2,
+            "scan": {"forward": close, "grads": {"input": close, "A_log": {**close, "max_abs_diff": 1e-5}},
+                     "ok": True},
+            "scan, torch.compile(inductor): 2 graphs": {"forward": close, "grads": {"input": close}, "ok": True,
+                                                        "graph_breaks": ["Skip calling torch.compiler.disable()d"]},
+            "Mamba2(use_mem_eff_path=False)": {"forward": close, "grads": {"input": close}, "ok": True,
+                                               "ms_fwd_bwd": 4.0},
+            "Mamba2(use_mem_eff_path=True)": {"error": "ImportError: causal_conv1d_cuda", "ok": False},
+            "fp16_autocast_scan": {"max_abs_diff": 3e-3, "max_abs_ref": 2.0, "ok": False},
+            "ms_fwd_bwd_torch": 10.0, "ms_fwd_bwd_kernel": 5.0, "ms_fwd_bwd_kernel_compiled": 4.5}
+    results = {"device_name": "NVIDIA H100", "command": "python benchmarks/mamba_ssm_parity.py --device cuda",
+               "torch": "2.11.0", "notes": {"mamba_ssm_version": "2.3.2.post1"}, "what": "CUDA.", "cases": [case]}
+    assert parity.comparisons(case) == ["scan", "scan, torch.compile(inductor): 2 graphs",
+                                        "Mamba2(use_mem_eff_path=False)", "Mamba2(use_mem_eff_path=True)"]
+    report = parity.markdown(results)
+    assert "| scan | 1.00e-06 (2) | A_log: 1.00e-05 (2) | yes |" in report
+    assert "| Mamba2(use_mem_eff_path=True) | ImportError: causal_conv1d_cuda | | no |" in report
+    assert "| 320 | 64 | 1 | 4096 | 2 | 10 | 5 | 4.5 | 4 | failed | 2.50 | 3.00e-03 (2) |" in report
