@@ -287,6 +287,14 @@ def amp_check(trainer, iterations: int, workers: int) -> dict:
             "ok": not non_finite and error is None and weights_finite, "seconds": seconds}
 
 
+def mamba_scan_backends(network: torch.nn.Module, device: torch.device) -> list:
+    """How the network's Mamba2 blocks scan on ``device`` (mamba-ssm's kernel or the PyTorch SSD): a Mamba
+    figure means little without it."""
+    from nnunet_liver_ext.networks.ssd import Mamba2SSD, describe_backend
+
+    return sorted({describe_backend(device, m.backend) for m in network.modules() if isinstance(m, Mamba2SSD)})
+
+
 def step_timing(args, size: dict) -> dict:
     from nnunet_liver_ext.trainer_plans.memory import saved_for_backward_bytes
     from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
@@ -309,6 +317,8 @@ def step_timing(args, size: dict) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             trainer = make_trainer(name, plans, device, mode == "compiled")
+            if mamba_scan_backends(trainer.network, device):
+                entry["mamba_scan"] = mamba_scan_backends(trainer.network, device)
             try:
                 entry[mode] = timed_train_steps(trainer, batch, size["iterations"], size["warmup"])
             except Exception as e:  # a network that does not compile is a finding, not a crash
@@ -498,6 +508,9 @@ def report_table(results: dict) -> str:
                      "with nnU-Net's sliding window (step 0.5, Gaussian, no mirroring, one patch per forward), median "
                      "of 2 runs after a warm-up. AMP check: train steps on batches of the trainer's own data loader; "
                      "'skipped' counts steps whose gradients the grad scaler found non-finite.")
+    for name in rows:
+        if get(name, "timing", "mamba_scan"):
+            notes.append(f"Mamba2 scan of `{name}`: {'; '.join(get(name, 'timing', 'mamba_scan'))}.")
     lines += [line for note in notes for line in ("", note)]
     return "\n".join(lines + targets_section(results) + profile_section(results)) + "\n"
 

@@ -74,6 +74,10 @@ def test_small_cpu_run_measures_every_trainer(tmp_path):
     assert [row.split("`")[1] for row in rows] == TRAINERS
     assert rows[0].split(" | ")[4] == "1"  # stock's eager ratio to itself
     assert "CPU" in table.splitlines()[0]
+    # which scan a Mamba figure was measured with, for the Mamba network only
+    assert [name for name, r in results["trainers"].items() if "mamba_scan" in r["timing"]] == \
+        ["nnUNetTrainerMambaCodebook"]
+    assert "Mamba2 scan of `nnUNetTrainerMambaCodebook`: torch (chunked SSD in PyTorch; CPU input)." in table
 
 
 def test_targets_name_the_part_that_puts_a_target_out_of_reach():
