@@ -40,7 +40,8 @@ def test_small_cpu_run_measures_every_trainer(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "performance.py"), "all", "--small",
-                           "--modes", "eager", "compiled", "--amp-iterations", "2", "--out", str(out), "--work", str(tmp_path / "work")],
+                           "--modes", "eager", "compiled", "--amp-iterations", "2", "--own-plans", "--out", str(out),
+                           "--work", str(tmp_path / "work")],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "performance.json").read_text())
@@ -70,10 +71,17 @@ def test_small_cpu_run_measures_every_trainer(tmp_path):
         assert "decoder" in train_flops and len(train_flops) >= 2, name
     table = (out / "performance.md").read_text()
     assert "## Against issue 13's targets" in table and "## Where the training step's time goes" in table
-    rows = [line for line in table.split("## ")[0].splitlines() if line.startswith("| `")]
+    main_table = table.split("## ")[0].split("Each network at its own planner's plans")[0]
+    rows = [line for line in main_table.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == TRAINERS
     assert rows[0].split(" | ")[4] == "1"  # stock's eager ratio to itself
     assert "CPU" in table.splitlines()[0]
+    # --own-plans (the GPU run's first call): each method at its own planner's plans, stock not
+    own = {name: r["timing"].get("own_plans") for name, r in results["trainers"].items()}
+    assert own.pop("nnUNetTrainer") is None
+    for name, o in own.items():
+        assert o["plans"].startswith("nnUNetPlans_") and o["s_per_iteration"] > 0 and o["predicted_gb"] > 0, name
+    assert "Each network at its own planner's plans" in table
     # which scan a Mamba figure was measured with, for the Mamba network only
     assert [name for name, r in results["trainers"].items() if "mamba_scan" in r["timing"]] == \
         ["nnUNetTrainerMambaCodebook"]
