@@ -1,12 +1,14 @@
 """The benchmark end to end on a real five-fold run: stock nnU-Net and STD-Net trained with
-``nnUNetv2_train`` (tiny schedule, CPU) on phantom cases, then ``nnunet-liver benchmark``."""
+``nnUNetv2_train`` (tiny schedule, CPU) on phantom cases, then ``nnunet-liver benchmark``; and nnU-Net's own
+``nnUNetv2_find_best_configuration`` on STD-Net's folds, with the inference commands it writes."""
 import csv
 import json
 
 import matplotlib.image as mpimg
 import pytest
 
-from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, run, train, write_tiny_phantom_dataset
+from nnunet_helpers import (assert_same_geometry, nnunet_env, plan_and_preprocess_cpu_demo, run, train,
+                            write_tiny_phantom_dataset)
 
 DATASET_ID = 912
 PLANS = "nnUNetPlans_CPUDemo"
@@ -16,17 +18,22 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def benchmark_out(tmp_path_factory):
+def five_folds(tmp_path_factory):
     root = tmp_path_factory.mktemp("five_fold")
     env = nnunet_env(root)
-    write_tiny_phantom_dataset(root, DATASET_ID, "FiveFold", n_train=10, n_test=0, seed=5)
+    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "FiveFold", n_train=10, n_test=2, seed=5)
     plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
     for trainer in (BASELINE, METHOD):
         for fold in range(5):
             train(DATASET_ID, fold, trainer, PLANS, env, root)
-    out = root / "benchmark"
+    return {"root": root, "env": env, "dataset": dataset}
+
+
+@pytest.fixture(scope="module")
+def benchmark_out(five_folds):
+    out = five_folds["root"] / "benchmark"
     run(["nnunet-liver", "benchmark", "-d", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS, "-tr", BASELINE,
-         METHOD, "--baseline", BASELINE, "-o", str(out), "-np", "1", "--quiet"], env, root)
+         METHOD, "--baseline", BASELINE, "-o", str(out), "-np", "1", "--quiet"], five_folds["env"], five_folds["root"])
     return out
 
 
@@ -51,3 +58,29 @@ def test_plots_exist_are_labelled_and_not_blank(benchmark_out):
         image = mpimg.imread(path)
         assert image[..., :3].std() > 0.02, f"{path} looks blank"
         assert f"plots/{name}" in report
+
+
+def test_find_best_configuration_and_the_inference_it_writes(five_folds):
+    """nnU-Net's own steps after five folds, on the method's trainer: nnUNetv2_find_best_configuration
+    (cross-validation summary, postprocessing decision, inference instructions), then the commands it writes,
+    as a user copies them: nnUNetv2_predict with the five folds and nnUNetv2_apply_postprocessing."""
+    root, env, dataset = five_folds["root"], five_folds["env"], five_folds["dataset"]
+    run(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS, "-tr", METHOD,
+         "-f", "0", "1", "2", "3", "4", "-np", "1"], env, root)
+    results = root / "res" / dataset.name
+    instructions = (results / "inference_instructions.txt").read_text()
+    commands = [line.split() for line in instructions.splitlines() if line.startswith("nnUNetv2_")]
+    assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_apply_postprocessing"], instructions
+    assert METHOD in commands[0] and PLANS in commands[0], instructions
+    folders = {"INPUT_FOLDER": str(dataset / "imagesTs"), "OUTPUT_FOLDER": str(root / "best"),
+               "OUTPUT_FOLDER_PP": str(root / "best_pp")}
+    predict, postprocess = ([folders.get(arg, arg) for arg in command] for command in commands)
+    run([*predict, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env, root)
+    postprocess[postprocess.index("-np") + 1] = "1"
+    run(postprocess, env, root)
+    images = sorted((dataset / "imagesTs").glob("*_0000.nii.gz"))
+    assert len(images) == 2
+    for image in images:
+        case = image.name[:-len("_0000.nii.gz")]
+        for folder in ("best", "best_pp"):
+            assert_same_geometry(root / folder / f"{case}.nii.gz", image)
