@@ -233,17 +233,23 @@ def run_case(device: torch.device, kernels: str, d_model: int, headdim: int, ngr
     grads = kernels == "triton"  # the reference scan's backward is NaN (parity says why)
     case = {"d_model": d_model, "headdim": headdim, "ngroups": ngroups, "length": length, "batch": batch,
             "scan": parity(ours, ours_kernel, u, grads)}
+    ours_compiled = None
     if grads:
         # the kernel is kept out of the compiled graph (ssd.mamba_ssm_chunk_scan); the rest compiles around it
         compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
-        ours_compiled = ssd.Mamba2SSD(d_model, backend="mamba_ssm", **config).to(device)
-        ours_compiled.load_state_dict(ours.state_dict(), strict=True)
-        explained = torch._dynamo.explain(ours_compiled)(u)  # expected: 2 graphs, split at the kernel
-        torch._dynamo.reset()
-        ours_compiled.compile(backend=compile_backend)  # in place: the parameter names stay
-        label = f"scan, torch.compile({compile_backend}): {explained.graph_count} graphs"
-        case[label] = parity(ours, ours_compiled, u, grads)
-        case[label]["graph_breaks"] = [str(reason.reason).split("\n")[0] for reason in explained.break_reasons]
+        label = f"scan, torch.compile({compile_backend})"
+        try:
+            ours_compiled = ssd.Mamba2SSD(d_model, backend="mamba_ssm", **config).to(device)
+            ours_compiled.load_state_dict(ours.state_dict(), strict=True)
+            explained = torch._dynamo.explain(ours_compiled)(u)  # expected: 2 graphs, split at the kernel
+            torch._dynamo.reset()
+            ours_compiled.compile(backend=compile_backend)  # in place: the parameter names stay
+            label += f": {explained.graph_count} graphs"
+            case[label] = parity(ours, ours_compiled, u, grads)
+            case[label]["graph_breaks"] = [str(reason.reason).split("\n")[0] for reason in explained.break_reasons]
+        except Exception as error:  # reported, not hidden; the other comparisons still run
+            case[label] = {"error": f"{type(error).__name__}: {str(error)[:500]}", "ok": False}
+            ours_compiled = None
     # the fused path needs the compiled causal_conv1d, which only a CUDA machine can build
     for mem_eff in ((False,) if device.type == "cpu" else (False, True)):
         label = f"Mamba2(use_mem_eff_path={mem_eff})"
@@ -261,7 +267,8 @@ def run_case(device: torch.device, kernels: str, d_model: int, headdim: int, ngr
         x = u.detach().requires_grad_(True)
         case["ms_fwd_bwd_torch"] = timed(lambda: ours(x).sum().backward(), device)
         case["ms_fwd_bwd_kernel"] = timed(lambda: ours_kernel(x).sum().backward(), device)
-        case["ms_fwd_bwd_kernel_compiled"] = timed(lambda: ours_compiled(x).sum().backward(), device)
+        if ours_compiled is not None:
+            case["ms_fwd_bwd_kernel_compiled"] = timed(lambda: ours_compiled(x).sum().backward(), device)
     return case
 
 
@@ -293,6 +300,8 @@ def markdown(results: dict) -> str:
                 grads = f"{name}: {worst['max_abs_diff']:.2e} ({worst['max_abs_ref']:.3g})"
             lines.append(head + f"| {c['forward']['max_abs_diff']:.2e} ({c['forward']['max_abs_ref']:.3g}) | {grads} "
                                 f"| {'yes' if c['ok'] else 'NO'} |")
+    if "error" in results:
+        lines += ["", f"STOPPED at case {results['error']['case']}: {results['error']['error']}"]
     timed_cases = [case for case in results["cases"] if "ms_fwd_bwd_torch" in case]
     if timed_cases:
         lines += ["", "Forward+backward of one block, ms (mean of 20 after 3 warm-up ones); x: ours with the PyTorch "
@@ -306,7 +315,8 @@ def markdown(results: dict) -> str:
             fastest = min((ms for ms in theirs if ms), default=None)
             fp16 = case["fp16_autocast_scan"]
             cells = [str(case[k]) for k in ("d_model", "headdim", "ngroups", "length", "batch")]
-            cells += [f"{case[k]:.3g}" for k in ("ms_fwd_bwd_torch", "ms_fwd_bwd_kernel", "ms_fwd_bwd_kernel_compiled")]
+            cells += [f"{case[k]:.3g}" if k in case else "failed"
+                      for k in ("ms_fwd_bwd_torch", "ms_fwd_bwd_kernel", "ms_fwd_bwd_kernel_compiled")]
             cells += [f"{ms:.3g}" if ms else "failed" for ms in theirs]
             cells += [f"{case['ms_fwd_bwd_torch'] / fastest:.2f}" if fastest else "-",
                       f"{fp16['max_abs_diff']:.2e} ({fp16['max_abs_ref']:.3g})"]
@@ -355,14 +365,22 @@ def main(argv: Iterable[str] = None) -> None:
                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
                "command": command, "tolerance": TOLERANCE, "cases": []}
     cases = {"gpu": GPU_CASES, "cpu": CPU_CASES, "quick": QUICK_CASES}[args.cases or device.type.replace("cuda", "gpu")]
-    for case in cases:
-        start = time.perf_counter()
-        results["cases"].append(run_case(device, args.kernels, *case))
-        results["cases"][-1]["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
-    results["all_ok"] = all(c[label]["ok"] for c in results["cases"] for label in comparisons(c))
     out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{'gpu' if mode == 'cuda' else mode}"
     out.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            results["cases"].append(run_case(device, args.kernels, *case))
+        except Exception as error:  # the cases before it are kept, and so is the reason
+            results["error"] = {"case": case, "error": f"{type(error).__name__}: {str(error)[:1000]}"}
+            break
+        finally:
+            results["all_ok"] = "error" not in results and all(
+                c[label]["ok"] for c in results["cases"] for label in comparisons(c))
+            (out / "parity.json").write_text(json.dumps(results, indent=2))  # after every case: a GPU call may
+            (out / "parity.md").write_text(markdown(results))  # end at its time limit
+        results["cases"][-1]["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
     (out / "parity.json").write_text(json.dumps(results, indent=2))
     (out / "parity.md").write_text(markdown(results))
     print(markdown(results))

@@ -265,3 +265,6 @@ def test_parity_report_of_a_gpu_run(monkeypatch):
     assert "| scan | 1.00e-06 (2) | A_log: 1.00e-05 (2) | yes |" in report
     assert "| Mamba2(use_mem_eff_path=True) | ImportError: causal_conv1d_cuda | | no |" in report
     assert "| 320 | 64 | 1 | 4096 | 2 | 10 | 5 | 4.5 | 4 | failed | 2.50 | 3.00e-03 (2) |" in report
+    # a run stopped by an error keeps the cases before it and says where and why
+    stopped = parity.markdown({**results, "error": {"case": [128, 32, 2, 600, 2], "error": "RuntimeError: x"}})
+    assert "STOPPED at case [128, 32, 2, 600, 2]: RuntimeError: x" in stopped and "| 320 | 64 |" in stopped
