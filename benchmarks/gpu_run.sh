@@ -6,7 +6,8 @@ source "$(dirname "$0")/gpu_env.sh"
 export nnUNet_raw=$TMPDIR/r nnUNet_preprocessed=$TMPDIR/p nnUNet_results=$TMPDIR/res
 mkdir -p "$TMPDIR/gpu_out"
 status=0
-python3 benchmarks/gpu_stdnet_vs_nnunet.py "$@" --out "$TMPDIR/gpu_out" || status=$?
+# 124: stopped at the call's limit (see gpu_env.sh); what finished is copied below all the same
+within_call_limit python3 benchmarks/gpu_stdnet_vs_nnunet.py "$@" --out "$TMPDIR/gpu_out" || status=$?
 if [ -n "${OUT:-}" ]; then
   for f in timing.json gpu_summary.json train_nnUNetTrainer_short.log train_nnUNetTrainerSTDNet_short.log; do
     [ -f "$TMPDIR/gpu_out/$f" ] && cp "$TMPDIR/gpu_out/$f" "$OUT/"

@@ -3,4 +3,4 @@
 # in an earlier call; carry .whl/rest with mamba-ssm's wheel in it (bash benchmarks/mamba_ssm_wheel.sh here).
 # Its own process, so a failure here does not stop what the same call runs next. Results: $OUT/mamba_ssm_parity_gpu/.
 source "$(dirname "$0")/gpu_env.sh"
-python3 benchmarks/mamba_ssm_parity.py --device cuda --out "${OUT:-$TMPDIR}/mamba_ssm_parity_gpu"
+within_call_limit python3 benchmarks/mamba_ssm_parity.py --device cuda --out "${OUT:-$TMPDIR}/mamba_ssm_parity_gpu"
