@@ -13,4 +13,7 @@ ln -sfn ../trainer_plans nnunet_liver_ext/trainer_plans
 export PYTHONPATH=$TMPDIR/site:$PWD PYTHONUNBUFFERED=1 nnUNet_extTrainer=$PWD/nnunet_liver_ext/trainers
 # A device call ends at its time limit (600 s unless the call asks for less) and returns only what is under
 # $OUT by then: the runners stop their work a little earlier, so that they still copy what finished.
-within_call_limit() { timeout --signal=TERM --kill-after=10 "${GPU_CALL_SECONDS:-570}" "$@"; }
+within_call_limit() {
+  if command -v timeout >/dev/null; then timeout --signal=TERM --kill-after=10 "${GPU_CALL_SECONDS:-570}" "$@"
+  else "$@"; fi
+}
