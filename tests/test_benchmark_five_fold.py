@@ -84,3 +84,23 @@ def test_find_best_configuration_and_the_inference_it_writes(five_folds):
         case = image.name[:-len("_0000.nii.gz")]
         for folder in ("best", "best_pp"):
             assert_same_geometry(root / folder / f"{case}.nii.gz", image)
+
+
+def test_a_trained_method_travels_as_an_nnunet_model_zip(five_folds, tmp_path):
+    """The nnU-Net way to share a model, on the method's five folds: nnUNetv2_export_model_to_zip, then
+    nnUNetv2_install_pretrained_model_from_zip into another nnUNet_results (the recipient's, which has the
+    package installed but never trained), then nnUNetv2_predict from there."""
+    root, env, dataset = five_folds["root"], five_folds["env"], five_folds["dataset"]
+    archive = tmp_path / "stdnet.zip"
+    run(["nnUNetv2_export_model_to_zip", "-d", str(DATASET_ID), "-o", str(archive), "-c", "3d_fullres", "-tr",
+         METHOD, "-p", PLANS, "-f", "0", "1", "2", "3", "4"], env, root)
+    recipient = dict(env, nnUNet_results=str(tmp_path / "recipient_results"))
+    run(["nnUNetv2_install_pretrained_model_from_zip", str(archive)], recipient, root)
+    model = tmp_path / "recipient_results" / dataset.name / f"{METHOD}__{PLANS}__3d_fullres"
+    assert sorted(p.name for p in model.glob("fold_*/checkpoint_final.pth")) == ["checkpoint_final.pth"] * 5
+    out = tmp_path / "shared_model_predictions"
+    run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c",
+         "3d_fullres", "-p", PLANS, "-tr", METHOD, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+        recipient, root)
+    for image in sorted((dataset / "imagesTs").glob("*_0000.nii.gz")):
+        assert_same_geometry(out / image.name.replace("_0000.nii.gz", ".nii.gz"), image)
