@@ -9,8 +9,8 @@ status=0
 # 124: stopped at the call's limit (see gpu_env.sh); what finished is copied below all the same
 within_call_limit python3 benchmarks/gpu_stdnet_vs_nnunet.py "$@" --out "$TMPDIR/gpu_out" || status=$?
 if [ -n "${OUT:-}" ]; then
-  for f in timing.json gpu_summary.json train_nnUNetTrainer_short.log train_nnUNetTrainerSTDNet_short.log; do
-    [ -f "$TMPDIR/gpu_out/$f" ] && cp "$TMPDIR/gpu_out/$f" "$OUT/"
+  for f in "$TMPDIR"/gpu_out/{timing.json,gpu_summary.json} "$TMPDIR"/gpu_out/train_*.log; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
   done
   [ -f "$TMPDIR/gpu_out/benchmark/report.md" ] && cp "$TMPDIR/gpu_out/benchmark/report.md" "$OUT/"
   [ -f "$TMPDIR/gpu_out/benchmark/per_case_metrics.csv" ] && cp "$TMPDIR/gpu_out/benchmark/per_case_metrics.csv" "$OUT/"

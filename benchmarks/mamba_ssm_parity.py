@@ -93,6 +93,11 @@ def import_mamba_ssm() -> Dict[str, str]:
             "import": "package registered without its __init__ (Mamba1 extension, Mamba3, transformers unused)"}
 
 
+def backend_as_requested(device, requested: str = "auto") -> str:
+    """Stands in for ``ssd.resolve_backend`` on the CPU, where the package resolves ``mamba_ssm`` to an error."""
+    return "mamba_ssm" if requested == "mamba_ssm" else "torch"
+
+
 def reference_patches() -> List[Tuple[object, str, object]]:
     """CPU: ``(object, attribute, value)`` that put mamba-ssm's PyTorch references in place of its Triton
     kernels, in mamba-ssm's Mamba2 module and for our block's ``mamba_ssm`` backend (which resolves to the
@@ -117,13 +122,10 @@ def reference_patches() -> List[Tuple[object, str, object]]:
         return layernorm_gated.rms_norm_ref(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
                                             norm_before_gate=self.norm_before_gate)
 
-    def resolve_backend(device, requested="auto"):
-        return "mamba_ssm" if requested == "mamba_ssm" else "torch"
-
     return [(mamba2, "mamba_chunk_scan_combined", scan_reference),
             (mamba2.RMSNormGated, "forward", rms_norm_gated_reference),  # layernorm_gated.RMSNorm
             (ssd, "mamba_ssm_scan", lambda: scan_reference),
-            (ssd, "resolve_backend", resolve_backend)]
+            (ssd, "resolve_backend", backend_as_requested)]
 
 
 def interpreter_patches() -> List[Tuple[object, str, object]]:
@@ -154,13 +156,10 @@ def interpreter_patches() -> List[Tuple[object, str, object]]:
             return types.SimpleNamespace(multi_processor_count=os.cpu_count() or 1)
         return properties(device)
 
-    def resolve_backend(device, requested="auto"):
-        return "mamba_ssm" if requested == "mamba_ssm" else "torch"
-
     patches = [(torch.cuda, "device", device_or_nothing),
                (torch.cuda, "get_device_properties", properties_or_cpu),
                (ssd, "mamba_ssm_scan", lambda: ssd_combined.mamba_chunk_scan_combined),
-               (ssd, "resolve_backend", resolve_backend)]
+               (ssd, "resolve_backend", backend_as_requested)]
     for module in (ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined, ssd_state_passing, layernorm_gated):
         patches += [(kernel, "configs", kernel.configs[:1]) for kernel in vars(module).values()
                     if isinstance(kernel, Autotuner)]
@@ -367,22 +366,24 @@ def main(argv: Iterable[str] = None) -> None:
     cases = {"gpu": GPU_CASES, "cpu": CPU_CASES, "quick": QUICK_CASES}[args.cases or device.type.replace("cuda", "gpu")]
     out = args.out or REPO / "benchmarks" / "results" / f"mamba_ssm_parity_{'gpu' if mode == 'cuda' else mode}"
     out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case: a GPU call may end at its time limit
+        results["all_ok"] = "error" not in results and all(
+            c[label]["ok"] for c in results["cases"] for label in comparisons(c))
+        (out / "parity.json").write_text(json.dumps(results, indent=2))
+        (out / "parity.md").write_text(markdown(results))
+
     for case in cases:
         start = time.perf_counter()
         try:
             results["cases"].append(run_case(device, args.kernels, *case))
         except Exception as error:  # the cases before it are kept, and so is the reason
             results["error"] = {"case": case, "error": f"{type(error).__name__}: {str(error)[:1000]}"}
+            save()
             break
-        finally:
-            results["all_ok"] = "error" not in results and all(
-                c[label]["ok"] for c in results["cases"] for label in comparisons(c))
-            (out / "parity.json").write_text(json.dumps(results, indent=2))  # after every case: a GPU call may
-            (out / "parity.md").write_text(markdown(results))  # end at its time limit
         results["cases"][-1]["seconds"] = round(time.perf_counter() - start, 1)
+        save()
         print(json.dumps({k: v for k, v in results["cases"][-1].items() if not isinstance(v, dict)}), flush=True)
-    (out / "parity.json").write_text(json.dumps(results, indent=2))
-    (out / "parity.md").write_text(markdown(results))
     print(markdown(results))
     if not results["all_ok"]:
         sys.exit("parity NOT met: see " + str(out / "parity.md"))

@@ -317,8 +317,9 @@ def step_timing(args, size: dict) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             trainer = make_trainer(name, plans, device, mode == "compiled")
-            if mamba_scan_backends(trainer.network, device):
-                entry["mamba_scan"] = mamba_scan_backends(trainer.network, device)
+            scans = mamba_scan_backends(trainer.network, device)
+            if scans:
+                entry["mamba_scan"] = scans
             try:
                 entry[mode] = timed_train_steps(trainer, batch, size["iterations"], size["warmup"])
             except Exception as e:  # a network that does not compile is a finding, not a crash

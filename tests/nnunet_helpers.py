@@ -59,14 +59,14 @@ def assert_same_geometry(prediction: Path, reference: Path, labels=(0, 1, 2)) ->
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= set(labels)
 
 
-def predict_held_out(command: str, workspace: dict, dataset_id: int, trainer: str, plans: str):
+def predict_held_out(command: str, workspace: dict, dataset_id: int, trainer: str, plans: str, folds=("0",)):
     """``nnUNetv2_predict`` or ``nnunet-liver predict`` (same options) on the dataset's imagesTs with
-    fold 0 on the CPU; every segmentation is checked against its input's geometry. Returns the output
+    ``folds`` on the CPU; every segmentation is checked against its input's geometry. Returns the output
     folder and the case ids."""
     images = workspace["dataset"] / "imagesTs"
     out = workspace["root"] / f"pred_{command}"
     args = ["-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-p", plans,
-            "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+            "-tr", trainer, "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
     run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     assert cases

@@ -7,8 +7,8 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from nnunet_helpers import (assert_same_geometry, nnunet_env, plan_and_preprocess_cpu_demo, run, train,
-                            write_tiny_phantom_dataset)
+from nnunet_helpers import (assert_same_geometry, nnunet_env, plan_and_preprocess_cpu_demo, predict_held_out, run,
+                            train, write_tiny_phantom_dataset)
 
 DATASET_ID = 912
 PLANS = "nnUNetPlans_CPUDemo"
@@ -98,9 +98,5 @@ def test_a_trained_method_travels_as_an_nnunet_model_zip(five_folds, tmp_path):
     run(["nnUNetv2_install_pretrained_model_from_zip", str(archive)], recipient, root)
     model = tmp_path / "recipient_results" / dataset.name / f"{METHOD}__{PLANS}__3d_fullres"
     assert sorted(p.name for p in model.glob("fold_*/checkpoint_final.pth")) == ["checkpoint_final.pth"] * 5
-    out = tmp_path / "shared_model_predictions"
-    run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c",
-         "3d_fullres", "-p", PLANS, "-tr", METHOD, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
-        recipient, root)
-    for image in sorted((dataset / "imagesTs").glob("*_0000.nii.gz")):
-        assert_same_geometry(out / image.name.replace("_0000.nii.gz", ".nii.gz"), image)
+    predict_held_out("nnUNetv2_predict", {"dataset": dataset, "root": tmp_path, "env": recipient}, DATASET_ID, METHOD,
+                     PLANS, folds=("0", "1", "2", "3", "4"))
