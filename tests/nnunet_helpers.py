@@ -32,9 +32,9 @@ def plan_and_preprocess_cpu_demo(dataset_id: int, env, cwd) -> None:
     run(["nnunet-liver", "plan", "-d", str(dataset_id), "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, cwd)
 
 
-def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd) -> str:
+def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd, configuration: str = "3d_fullres") -> str:
     # nnUNet_n_proc_DA=0: in-process data loading (the planner needs >= 1, training does not)
-    return run(["nnUNetv2_train", str(dataset_id), "3d_fullres", str(fold), "-tr", trainer, "-p", plans,
+    return run(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
                 "-device", "cpu"], env, cwd, nnUNet_n_proc_DA="0")
 
 
@@ -59,14 +59,15 @@ def assert_same_geometry(prediction: Path, reference: Path, labels=(0, 1, 2)) ->
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= set(labels)
 
 
-def predict_held_out(command: str, workspace: dict, dataset_id: int, trainer: str, plans: str, folds=("0",)):
-    """``nnUNetv2_predict`` or ``nnunet-liver predict`` (same options) on the dataset's imagesTs with
-    ``folds`` on the CPU; every segmentation is checked against its input's geometry. Returns the output
-    folder and the case ids."""
+def predict_held_out(command: str, workspace: dict, dataset_id: int, trainer: str, plans: str, folds=("0",),
+                     configuration: str = "3d_fullres", out=None, extra=()):
+    """``nnUNetv2_predict`` or ``nnunet-liver predict`` (same options, ``extra`` appended) on the dataset's
+    imagesTs with ``folds`` on the CPU, into ``out`` (default root/pred_COMMAND); every segmentation is
+    checked against its input's geometry. Returns the output folder and the case ids."""
     images = workspace["dataset"] / "imagesTs"
-    out = workspace["root"] / f"pred_{command}"
-    args = ["-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-p", plans,
-            "-tr", trainer, "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+    out = out or workspace["root"] / f"pred_{command}"
+    args = ["-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c", configuration, "-p", plans,
+            "-tr", trainer, "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", *map(str, extra)]
     run([command, *(["predict"] if command == "nnunet-liver" else []), *args], workspace["env"], workspace["root"])
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     assert cases

@@ -113,6 +113,22 @@ def test_predict_on_cuda_without_a_gpu(tree):
     assert_user_error(rc, out, "no CUDA GPU", "-device cpu")
 
 
+def test_predict_cascade_without_the_previous_stage_says_to_predict_it_first(tree):
+    cascade = tree / "res" / "Dataset501_Demo" / "nnUNetTrainer_tiny__nnUNetPlans__3d_cascade_fullres"
+    (cascade / "fold_0").mkdir(parents=True)
+    (cascade / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (cascade / "plans.json").write_text(json.dumps({"configurations": {
+        "3d_fullres": {"patch_size": [8, 8, 8]},
+        "3d_lowres": {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"},
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}}))
+    rc, out = nnunet_liver("predict", "-i", tree / "images", "-o", tree / "pred", "-d", "501",
+                           "-c", "3d_cascade_fullres", "-tr", "nnUNetTrainer_tiny", "-f", "0", "-device", "cpu",
+                           env=_env(tree))
+    assert_user_error(rc, out, "3d_cascade_fullres is a stage of nnU-Net's cascade", "3d_lowres stage's segmentation",
+                      "-c 3d_lowres -tr nnUNetTrainer_tiny -p nnUNetPlans first, then this command with "
+                      "-prev_stage_predictions FOLDER")
+
+
 # --- plan --------------------------------------------------------------------------------------
 
 def test_plan_without_fingerprint_gives_the_fingerprint_command(tree):

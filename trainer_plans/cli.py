@@ -65,6 +65,11 @@ def _plan(args: argparse.Namespace) -> int:
         trainer = args.trainer or getattr(PRESETS[preset], "trainer_name", None) or "TRAINER"
         print(f"Wrote plans '{plans_name}' for dataset {dataset_id}. Train with: "
               f"nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr {trainer} -p {plans_name}")
+        cascade = "3d_lowres" in plans["configurations"]
+        if cascade:  # nnU-Net plans one where the full-resolution patch sees little of the median image
+            print(f"These plans also have nnU-Net's cascade: nnUNetv2_train {dataset_id} 3d_lowres FOLD -tr {trainer} "
+                  f"-p {plans_name} for all five folds (their validation writes the next stage's input), then "
+                  f"nnUNetv2_train {dataset_id} 3d_cascade_fullres FOLD -tr {trainer} -p {plans_name}")
         if args.preprocess:
             configurations = [c for c in args.c or ["3d_fullres"]
                               if _data_identifier(plans, plans_name, c) not in preprocessed]
@@ -72,7 +77,8 @@ def _plan(args: argparse.Namespace) -> int:
                 preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
             preprocessed.update(_data_identifier(plans, plans_name, c) for c in configurations)
         else:
-            print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres")
+            print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres"
+                  + (" 3d_lowres" if cascade else ""))
     return 0
 
 

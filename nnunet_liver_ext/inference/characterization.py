@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.training.multitask_trainer import tumor_label_value, tumor_output_channel
@@ -336,7 +337,13 @@ def _characterize(trainer, network, val_keys: List[str]) -> None:
     results = []
     ending = trainer.dataset_json["file_ending"]
     for key in dataset.identifiers:
-        data = torch.from_numpy(np.asarray(dataset.load_case(key)[0][:]))
+        data, _, previous_stage, _ = dataset.load_case(key)
+        data = np.asarray(data[:])
+        if trainer.is_cascaded:  # the network's input as nnU-Net's validation gives it
+            data = np.vstack((data, convert_labelmap_to_one_hot(np.asarray(previous_stage[:]),
+                                                                trainer.label_manager.foreground_labels,
+                                                                output_dtype=data.dtype)))
+        data = torch.from_numpy(data)
         # the lesion as nnU-Net's validation wrote it (with its mirroring), next to this file
         voxels = predictor.written_lesion_voxels(os.path.join(folder, key + ending))
         result = predictor.case_result(key, predictor.characterize_preprocessed(data), voxels)

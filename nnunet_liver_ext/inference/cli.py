@@ -59,7 +59,31 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
         else:
             fix = f"no fold has {args.chk} yet; train one: {train}"
         raise UserError(what, fix)
+    previous = _previous_stage(model_folder / "plans.json", args.c)
+    if previous is not None and args.prev_stage_predictions is None:
+        raise UserError(f"{args.c} is a stage of nnU-Net's cascade: it predicts from the {previous} stage's "
+                        f"segmentation of every case, and no -prev_stage_predictions folder was given",
+                        f"nnunet-liver predict -i {args.i} -o FOLDER -d {args.d} -c {previous} -tr {args.tr} "
+                        f"-p {args.p} first, then this command with -prev_stage_predictions FOLDER")
     return str(model_folder), folds
+
+
+def _previous_stage(plans_file, configuration: str):
+    """The ``previous_stage`` of ``configuration`` in a model's plans.json (following ``inherits_from`` as
+    nnU-Net does), or None; an unreadable plans.json is left to nnU-Net to report."""
+    import json
+
+    try:
+        configurations = json.loads(plans_file.read_text()).get("configurations", {})
+    except (OSError, ValueError):
+        return None
+    seen = set()
+    while configuration in configurations and configuration not in seen:
+        seen.add(configuration)
+        if configurations[configuration].get("previous_stage"):
+            return configurations[configuration]["previous_stage"]
+        configuration = configurations[configuration].get("inherits_from")
+    return None
 
 
 def _no_model_error(args, dataset_name: str, did: int, dataset_results, model_name: str):

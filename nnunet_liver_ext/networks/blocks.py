@@ -41,29 +41,53 @@ def build_encoder(input_channels: int, arch_kwargs: dict) -> Union[PlainConvEnco
                             return_skips=True, **common)
 
 
-def build_phase_encoders(num_phases: int, channels_per_phase: int, arch_kwargs: dict,
-                         share: bool) -> Tuple[nn.Module, Optional[nn.ModuleList]]:
-    """``(encoder, encoders)`` for ``num_phases`` phase images of ``channels_per_phase`` channels each:
-    one encoder the phases share (``encoders`` None), or one per phase (``encoder`` is the first of
-    them: a decoder reads the stage shapes from it). A network assigns ``encoders`` before ``encoder``,
-    which keeps the parameter order, and so the optimizer state of a checkpoint, where it was."""
+def build_phase_encoders(num_phases: int, channels_per_phase: int, arch_kwargs: dict, share: bool,
+                         previous_stage_channels: int = 0) -> Tuple[nn.Module, Optional[nn.ModuleList]]:
+    """``(encoder, encoders)`` for ``num_phases`` phase images of ``channels_per_phase`` channels each, every
+    one seen together with the ``previous_stage_channels`` of a cascade (:func:`encode_phases`): one encoder
+    the phases share (``encoders`` None), or one per phase (``encoder`` is the first of them: a decoder
+    reads the stage shapes from it). A network assigns ``encoders`` before ``encoder``, which keeps the
+    parameter order, and so the optimizer state of a checkpoint, where it was."""
+    in_channels = channels_per_phase + previous_stage_channels
     if share:
-        return build_encoder(channels_per_phase, arch_kwargs), None
-    encoders = nn.ModuleList(build_encoder(channels_per_phase, arch_kwargs) for _ in range(num_phases))
+        return build_encoder(in_channels, arch_kwargs), None
+    encoders = nn.ModuleList(build_encoder(in_channels, arch_kwargs) for _ in range(num_phases))
     return encoders[0], encoders
 
 
+def split_phase_channels(input_channels: int, channels_per_phase: int, previous_stage_channels: int = 0) -> int:
+    """The number of phases N of an input of ``input_channels`` = N x ``channels_per_phase`` +
+    ``previous_stage_channels``; a ValueError names the numbers when they do not add up."""
+    if channels_per_phase < 1 or previous_stage_channels < 0:
+        raise ValueError(f"channels_per_phase must be >= 1 and previous_stage_channels >= 0, got "
+                         f"{channels_per_phase} and {previous_stage_channels}")
+    image_channels = input_channels - previous_stage_channels
+    if image_channels < channels_per_phase or image_channels % channels_per_phase:
+        raise ValueError(f"input_channels ({input_channels}) minus previous_stage_channels ({previous_stage_channels}) "
+                         f"must be a positive multiple of channels_per_phase ({channels_per_phase})")
+    return image_channels // channels_per_phase
+
+
 def encode_phases(x: torch.Tensor, encoder: nn.Module, encoders: Optional[nn.ModuleList], num_phases: int,
-                  channels_per_phase: int) -> List[torch.Tensor]:
+                  channels_per_phase: int, previous_stage_channels: int = 0) -> List[torch.Tensor]:
     """Skips per stage, each ``(B * N, C_s, *S_s)`` (sample-major, phase-minor), of ``x`` ``(B, N *
-    channels_per_phase, *S)``: the shared encoder in one batched call over the B x N phase images (the
-    weight sharing of STD-Net and MTI-Net), or every phase through its own encoder."""
-    b, n, cpp = x.shape[0], num_phases, channels_per_phase
-    if x.shape[1] != n * cpp:
-        raise ValueError(f"expected {n * cpp} input channels ({n} phases x {cpp}), got {x.shape[1]}")
+    channels_per_phase + P, *S)``: the shared encoder in one batched call over the B x N phase images (the
+    weight sharing of STD-Net and MTI-Net), or every phase through its own encoder.
+
+    The last ``P = previous_stage_channels`` channels are nnU-Net's cascade input (the one-hot segmentation
+    of the previous stage, which nnU-Net appends after the image channels). They belong to no phase: every
+    phase image is encoded together with them, as nnU-Net's cascade feeds its U-Net image plus segmentation."""
+    b, n, cpp, p = x.shape[0], num_phases, channels_per_phase, previous_stage_channels
+    if x.shape[1] != n * cpp + p:
+        cascade = f" + {p} of the previous stage" if p else ""
+        raise ValueError(f"expected {n * cpp + p} input channels ({n} phases x {cpp}{cascade}), got {x.shape[1]}")
+    phases = x[:, :n * cpp].unflatten(1, (n, cpp))
+    if p:
+        previous = x[:, n * cpp:].unsqueeze(1).expand(b, n, p, *x.shape[2:])
+        phases = torch.cat((phases, previous), 2)
     if encoders is None:
-        return encoder(x.reshape(b * n, cpp, *x.shape[2:]))
-    per_phase = [enc(x[:, i * cpp:(i + 1) * cpp]) for i, enc in enumerate(encoders)]
+        return encoder(phases.flatten(0, 1))
+    per_phase = [enc(phases[:, i]) for i, enc in enumerate(encoders)]
     return [torch.stack(stage, 1).flatten(0, 1) for stage in zip(*per_phase)]
 
 

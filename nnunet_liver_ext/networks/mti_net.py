@@ -32,7 +32,8 @@ Where the paper is silent or leaves a choice (ours):
 
 Input layout: ``x`` is ``(B, N * channels_per_phase, *S)``, phase n at channels
 ``[n * channels_per_phase, (n + 1) * channels_per_phase)`` (nnU-Net's channel order when the
-dataset's channels are its phases).
+dataset's channels are its phases). In nnU-Net's cascade the previous stage's one-hot segmentation
+follows as ``previous_stage_channels`` more channels, encoded with every phase (``blocks.encode_phases``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_phase_encoders, encode_phases,
                                               encoder_skip_sizes, lesion_log_prior, lesion_probability, numel,
-                                              spatial_dims)
+                                              spatial_dims, split_phase_channels)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
@@ -234,6 +235,8 @@ class MTINet(nn.Module):
             dataset has ``enhancement`` curves and the curve loss is on.
         discriminator: build the TDD (needs the curve head and K >= 1). Training only.
         channels_per_phase: input channels per phase.
+        previous_stage_channels: the last input channels that are nnU-Net's cascade input (the previous
+            stage's one-hot segmentation); every phase image is encoded together with them. 0 outside a cascade.
         share_encoder: one encoder for all phases (batched call) or one per phase.
         mdief: ``full``, ``none``, ``no_spectral``, ``no_spatial`` (the paper's Table 3 ablations).
         hpf_cutoff: the high-pass filter's Gaussian cutoff in cycles per voxel.
@@ -243,8 +246,8 @@ class MTINet(nn.Module):
         lesion_channel: segmentation output of the lesion (tumor); the token pooling adds the log of its
             (detached) probability to its attention scores. ``None``: learned attention alone.
 
-    forward(x ``(B, N * channels_per_phase, *S)``, heads=False, lesion_mask=None) -> seg logits (list
-    with deep supervision), or with ``heads=True`` a NetworkOutput with ``curve`` ``(B, N)``
+    forward(x ``(B, N * channels_per_phase + previous_stage_channels, *S)``, heads=False, lesion_mask=None)
+    -> seg logits (list with deep supervision), or with ``heads=True`` a NetworkOutput with ``curve`` ``(B, N)``
     (standardised units) and ``cls_logits`` ``(B, K)`` where built. ``lesion_mask`` ``(B, 1, *S)``
     replaces the network's own lesion probability in the token pooling (training: the reference).
     """
@@ -255,16 +258,15 @@ class MTINet(nn.Module):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
                  num_case_classes: int = 0, curve_head: bool = True, discriminator: bool = True,
-                 channels_per_phase: int = 1, share_encoder: bool = True, mdief: str = "full",
+                 channels_per_phase: int = 1, previous_stage_channels: int = 0, share_encoder: bool = True,
+                 mdief: str = "full",
                  hpf_cutoff: float = 0.1, embed_dim: int = 256, num_layers: int = 3, num_heads: int = 4,
                  transformer_dropout: float = 0.1, disc_embed_dim: int = 64, disc_layers: int = 2,
                  disc_heads: int = 4, lesion_channel: Optional[int] = -1, **arch_kwargs):
         super().__init__()
         if mdief not in MDIEF_MODES:
             raise ValueError(f"mdief must be one of {MDIEF_MODES}, got {mdief!r}")
-        if channels_per_phase < 1 or input_channels % channels_per_phase:
-            raise ValueError(f"input_channels ({input_channels}) must be a multiple of channels_per_phase "
-                             f"({channels_per_phase})")
+        self.num_phases = split_phase_channels(input_channels, channels_per_phase, previous_stage_channels)
         if num_case_classes < 0:
             raise ValueError(f"num_case_classes must be >= 0, got {num_case_classes}")
         if discriminator and not (curve_head and num_case_classes > 0):
@@ -276,14 +278,14 @@ class MTINet(nn.Module):
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
         self.conv_op: Type[_ConvNd] = arch_kwargs["conv_op"]
         spatial_dims(self.conv_op)
-        self.num_phases = input_channels // channels_per_phase
         self.channels_per_phase = channels_per_phase
+        self.previous_stage_channels = previous_stage_channels
         self.share_encoder = share_encoder
         self.lesion_channel = lesion_channel
         self.mdief_mode = mdief
 
         encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs,
-                                                      share_encoder)
+                                                      share_encoder, previous_stage_channels)
         self.encoder = encoder
         stage_channels: List[int] = list(self.encoder.output_channels)
         # one MdIEF per stage, shared by the phases like the encoder (batched over B x N)
@@ -310,7 +312,8 @@ class MTINet(nn.Module):
     # ------------------------------------------------------------------ features
     def phase_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Per stage ``(B, N, C_s, *S_s)``: encoder features of every phase after MdIEF."""
-        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase)
+        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase,
+                              self.previous_stage_channels)
         if self.mdief is not None:
             skips = [fuse(s) for fuse, s in zip(self.mdief, skips)]
         return [s.unflatten(0, (x.shape[0], self.num_phases)) for s in skips]

@@ -21,7 +21,9 @@ Where the paper is silent (ours, see METHODS.md):
 
 Input layout: ``x`` is ``(B, N * channels_per_phase, *S)`` with the channels of phase n at
 ``[n * channels_per_phase, (n + 1) * channels_per_phase)``, i.e. nnU-Net's channel order when the
-dataset's channels are its phases.
+dataset's channels are its phases. In nnU-Net's cascade (``3d_cascade_fullres``) the previous stage's
+one-hot segmentation follows as ``previous_stage_channels`` more channels; every phase is encoded
+together with them (``blocks.encode_phases``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
                                               build_phase_encoders, encode_phases, encoder_skip_sizes,
-                                              lesion_log_prior, lesion_probability, mlp_head, numel, spatial_dims)
+                                              lesion_log_prior, lesion_probability, mlp_head, numel, spatial_dims,
+                                              split_phase_channels)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
@@ -167,6 +170,9 @@ class STDNet(nn.Module):
     Args (method):
         num_case_classes: K of the characterization head; 0 builds no head (segmentation only).
         channels_per_phase: input channels per phase (1 for CT).
+        previous_stage_channels: the last input channels that are nnU-Net's cascade input (the previous
+            stage's one-hot segmentation, one channel per foreground label; 0 outside a cascade). Every
+            phase image is encoded together with them; early fusion reads them as more channels.
         temporal: ``transformer`` (STD-Net), ``hybrid`` (ablation e), ``convgru`` (ablation d),
             ``mean`` (ablation a: no temporal modeler, phases fused by their mean).
         fusion: ``decoupled`` (STD-Net) or ``early`` (ablation b: phases as channels of one encoder).
@@ -182,8 +188,8 @@ class STDNet(nn.Module):
             find it from the classification loss alone (ours). ``None`` pools by learned attention
             alone. Default: the last output (label 2 = tumor in this package's label convention).
 
-    forward(x (B, N * channels_per_phase, *S), heads=False, lesion_mask=None) -> seg logits (list
-    with deep supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
+    forward(x (B, N * channels_per_phase + previous_stage_channels, *S), heads=False, lesion_mask=None)
+    -> seg logits (list with deep supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
     ``lesion_mask`` (B, 1, *S), when given, replaces the network's own lesion probability in the
     pooling of the characterization path (the trainer passes the reference lesion mask).
     """
@@ -193,7 +199,8 @@ class STDNet(nn.Module):
     load_pretrained_state = load_pretrained_state
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
-                 num_case_classes: int = 0, channels_per_phase: int = 1, temporal: str = "transformer",
+                 num_case_classes: int = 0, channels_per_phase: int = 1, previous_stage_channels: int = 0,
+                 temporal: str = "transformer",
                  fusion: str = "decoupled", share_encoder: bool = True, embed_dim: Optional[int] = None,
                  num_layers: int = 6, num_heads: int = 8, transformer_dropout: float = 0.1,
                  mlp_hidden: int = 512, mlp_dropout: float = 0.3, reference_phase: Optional[int] = None,
@@ -203,9 +210,7 @@ class STDNet(nn.Module):
             raise ValueError(f"temporal must be one of {TEMPORAL_MODELERS}, got {temporal!r}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if channels_per_phase < 1 or input_channels % channels_per_phase:
-            raise ValueError(f"input_channels ({input_channels}) must be a multiple of channels_per_phase "
-                             f"({channels_per_phase})")
+        self.num_phases = split_phase_channels(input_channels, channels_per_phase, previous_stage_channels)
         if num_case_classes < 0:
             raise ValueError(f"num_case_classes must be >= 0, got {num_case_classes}")
         if lesion_channel is not None and not -num_classes <= lesion_channel < num_classes:
@@ -213,8 +218,8 @@ class STDNet(nn.Module):
         if "n_conv_per_stage_decoder" not in arch_kwargs:
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
         self.lesion_channel = lesion_channel
-        self.num_phases = input_channels // channels_per_phase
         self.channels_per_phase = channels_per_phase
+        self.previous_stage_channels = previous_stage_channels
         self.fusion = fusion
         self.temporal_kind = temporal if fusion == "decoupled" else "none"
         self.share_encoder = share_encoder
@@ -226,7 +231,7 @@ class STDNet(nn.Module):
             self.encoder = build_encoder(input_channels, arch_kwargs)
         else:
             encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs,
-                                                          share_encoder)
+                                                          share_encoder, previous_stage_channels)
             self.encoder = encoder
         stage_channels: List[int] = list(self.encoder.output_channels)
         bottleneck = stage_channels[-1]
@@ -266,7 +271,8 @@ class STDNet(nn.Module):
         """Encoder skips per stage, each ``(B, N, C_s, *S_s)`` (N = 1 for early fusion)."""
         if self.fusion == "early":
             return [s.unsqueeze(1) for s in self.encoder(x)]
-        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase)
+        skips = encode_phases(x, self.encoder, self.encoders, self.num_phases, self.channels_per_phase,
+                              self.previous_stage_channels)
         return [s.unflatten(0, (x.shape[0], self.num_phases)) for s in skips]
 
     def _case_feature(self, encoder_bottleneck: torch.Tensor, temporal_bottleneck: torch.Tensor,

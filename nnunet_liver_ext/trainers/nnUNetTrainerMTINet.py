@@ -57,6 +57,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
     loss_weights = {"seg": 1.0, "curve": 1.0, "cls": 0.5, "tim": 0.5, "adv": 0.05}
     adaptive_module_prefixes = ("token_pools.", "transformer.", "curve_head.", "cls_head.")
     network_takes_lesion_channel = True
+    network_takes_previous_stage_channels = True
     #: built where the dataset has their targets (the shared trainer's plans block); the TDD needs both
     case_heads = ("cls", "curve")
     dataset_keys_required = ("characterization", "enhancement")
@@ -66,7 +67,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
 
     # ------------------------------------------------------------------ network
     @classmethod
-    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+    def method_network_kwargs(cls, plans_block: dict, num_image_channels: int) -> dict:
         # build only what the training step uses (DDP without find_unused_parameters)
         heads = plans_block.get("case_heads", [])
         curve = "curve" in heads and bool(plans_block.get("enhancement_stats"))
@@ -74,10 +75,10 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         kwargs = {"curve_head": curve, "discriminator": curve and classes and cls.loss_weights.get("adv", 0) > 0}
         phases = plans_block.get("phases")
         if phases:
-            if num_input_channels % len(phases):
-                raise ValueError(f"{num_input_channels} input channels cannot be split into the {len(phases)} "
+            if num_image_channels % len(phases):
+                raise ValueError(f"{num_image_channels} image channels cannot be split into the {len(phases)} "
                                  f"phases {phases} of dataset.json")
-            kwargs["channels_per_phase"] = num_input_channels // len(phases)
+            kwargs["channels_per_phase"] = num_image_channels // len(phases)
         return kwargs
 
     # ------------------------------------------------------------------ optimisers
@@ -123,8 +124,9 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         logits = output.seg_highres.float()
         channel %= logits.shape[1]
         probability = torch.softmax(logits, 1)[:, channel:channel + 1]
-        predicted = masked_phase_means(data, probability, network.channels_per_phase)
-        reference = masked_phase_means(data, tumor.float(), network.channels_per_phase)
+        images = data[:, :network.num_phases * network.channels_per_phase]  # not a cascade's segmentation
+        predicted = masked_phase_means(images, probability, network.channels_per_phase)
+        reference = masked_phase_means(images, tumor.float(), network.channels_per_phase)
         return masked_l1(predicted, reference, tumor.flatten(1).any(1))
 
     def adversarial_pairs(self, output: NetworkOutput, keys: List[str], tumor: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -28,11 +28,12 @@ class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
     # the Transformer, the case pooling and the MLP train with AdamW; encoder and decoder keep SGD
     adaptive_module_prefixes = ("temporal.", "case_pool.", "cls_head.")
     network_takes_lesion_channel = True
+    network_takes_previous_stage_channels = True
     #: decode from this phase alone (the paper's choice) instead of fusing the phases
     reference_phase_name = None
 
     @classmethod
-    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+    def method_network_kwargs(cls, plans_block: dict, num_image_channels: int) -> dict:
         if cls.reference_phase_name is None:
             return {}
         phases = plans_block.get("phases")

@@ -68,6 +68,20 @@ def tumor_output_channel(label_manager, dataset_json: dict) -> int:
     return list(label_manager.all_labels).index(tumor_label_value(dataset_json))
 
 
+def cascade_input_channels(configuration_manager, num_input_channels: int) -> int:
+    """How many of ``num_input_channels`` are nnU-Net's cascade input (the previous stage's one-hot
+    segmentation, appended after the image channels): the input channels beyond the configuration's image
+    channels (one normalization scheme each) in a configuration with a ``previous_stage``; else 0."""
+    if configuration_manager.previous_stage_name is None:
+        return 0
+    image_channels = len(configuration_manager.normalization_schemes)
+    if num_input_channels <= image_channels:
+        raise ValueError(f"configuration with previous_stage {configuration_manager.previous_stage_name!r}: "
+                         f"{num_input_channels} input channels leave none for the previous stage's segmentation "
+                         f"after the {image_channels} image channels")
+    return num_input_channels - image_channels
+
+
 class LiverMultiTaskTrainer(nnUNetTrainer):
     network_class: type = None
     #: constructor arguments of ``network_class`` beyond the plans; ablation trainers override it
@@ -99,6 +113,10 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     network_takes_lesion_channel: bool = False
     #: the network's constructor takes the plans' ``patch_size`` (to check its tokenisation at construction)
     network_takes_patch_size: bool = False
+    #: the network's constructor takes ``previous_stage_channels``: in nnU-Net's cascade (3d_cascade_fullres) the
+    #: input's last channels are the previous stage's one-hot segmentation, which a network that reads the
+    #: channels as phases must not take for phases. Networks without it read them as more input channels.
+    network_takes_previous_stage_channels: bool = False
     #: gradient clipping norm of the update (nnU-Net's 12; transformers train with smaller ones)
     grad_clip_norm: float = 12.0
     #: dataset.json keys the method reads when they are there
@@ -126,6 +144,12 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         if targets.phases is None:
             self.print_to_log_file("dataset.json has no 'phases' key: the input channels are read as phases in "
                                    "channel order.")
+        if self.is_cascaded:
+            read_as = "encoded together with every phase image" if self.network_takes_previous_stage_channels \
+                else "more input channels of the network"
+            self.print_to_log_file(f"Cascade: the {self.configuration_manager.previous_stage_name} stage's "
+                                   f"segmentation ({len(self.label_manager.foreground_labels)} one-hot channels "
+                                   f"after the images) is {read_as}.")
 
     @classmethod
     def plans_with_liver_block(cls, plans: dict, dataset_json: dict, targets: Optional[CaseTargets] = None) -> dict:
@@ -156,7 +180,9 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ network
     @classmethod
-    def method_network_kwargs(cls, plans_block: dict, num_input_channels: int) -> dict:
+    def method_network_kwargs(cls, plans_block: dict, num_image_channels: int) -> dict:
+        """Constructor arguments a method derives from the plans block and the number of image channels
+        (the input channels less a cascade's previous-stage segmentation)."""
         return {}
 
     @classmethod
@@ -171,7 +197,10 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             kwargs["lesion_channel"] = block["lesion_channel"]
         if cls.network_takes_patch_size:
             kwargs["patch_size"] = configuration_manager.patch_size
-        kwargs.update(cls.method_network_kwargs(block, num_input_channels))
+        previous_stage_channels = cascade_input_channels(configuration_manager, num_input_channels)
+        if cls.network_takes_previous_stage_channels and previous_stage_channels:
+            kwargs["previous_stage_channels"] = previous_stage_channels
+        kwargs.update(cls.method_network_kwargs(block, num_input_channels - previous_stage_channels))
         # plans written before "case_heads" existed had a class head exactly when they had classes
         has_cls_head = "cls" in block.get("case_heads", ["cls"])
         num_case_classes = len(block.get("case_classes") or []) if has_cls_head else 0

@@ -1,0 +1,169 @@
+"""nnU-Net's cascade (3d_lowres -> 3d_cascade_fullres) with every trainer, in process and fast.
+
+In a configuration with a ``previous_stage`` nnU-Net appends the previous stage's one-hot segmentation
+(one channel per foreground label) after the image channels. STD-Net and MTI-Net read the image channels
+as phases: they must not take those channels for more phases, but encode every phase image together with
+them; the other networks read them as more input channels. Before this was handled, a 3-phase dataset
+gave STD-Net five "phases" and MTI-Net's trainer refused the dataset.
+
+The end-to-end run through nnU-Net's commands (plans with a cascade, five 3d_lowres folds, the cascade,
+prediction of both stages) is tests/test_cascade_nnunet.py (slow).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nnunet_liver_ext.catalogue import load_catalogue
+from nnunet_liver_ext.networks.blocks import build_phase_encoders, encode_phases, split_phase_channels
+from nnunet_liver_ext.training.multitask_trainer import cascade_input_channels
+
+from test_mti_net_trainer import DATASET_JSON, PATCH, PHASES, PLANS, make_batch, nnunet_folders  # noqa: F401
+
+torch.set_num_threads(1)
+
+FOREGROUND_LABELS = 2  # liver, tumor: the previous stage's one-hot channels
+CASCADE_PLANS = copy.deepcopy(PLANS)
+CASCADE_PLANS["configurations"].update({
+    "3d_lowres": {"inherits_from": "3d_fullres", "next_stage": "3d_cascade_fullres"},
+    "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"},
+})
+ARCH = {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": nn.Conv3d, "kernel_sizes": [[3, 3, 3]] * 3,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1], "conv_bias": True,
+        "norm_op": nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU,
+        "nonlin_kwargs": {"inplace": True}}
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared_encoder", "one_encoder_per_phase"])
+def test_every_phase_is_encoded_with_the_previous_stage_segmentation(share):
+    torch.manual_seed(0)
+    phases, per_phase, previous = 3, 2, 2
+    encoder, encoders = build_phase_encoders(phases, per_phase, ARCH, share, previous)
+    x = torch.randn(2, phases * per_phase + previous, 8, 16, 16)
+    skips = encode_phases(x, encoder, encoders, phases, per_phase, previous)
+    for n in range(phases):
+        own = encoder if encoders is None else encoders[n]
+        expected = own(torch.cat((x[:, n * per_phase:(n + 1) * per_phase], x[:, phases * per_phase:]), 1))
+        for skip, stage in zip(skips, expected):
+            torch.testing.assert_close(skip.unflatten(0, (2, phases))[:, n], stage)
+
+
+def test_without_previous_stage_the_phases_are_encoded_as_before():
+    torch.manual_seed(0)
+    encoder, _ = build_phase_encoders(3, 1, ARCH, True)
+    x = torch.randn(2, 3, 8, 16, 16)
+    for skip, stage in zip(encode_phases(x, encoder, None, 3, 1), encoder(x.reshape(6, 1, 8, 16, 16))):
+        torch.testing.assert_close(skip, stage)
+    with pytest.raises(ValueError, match=r"expected 5 input channels \(3 phases x 1 \+ 2 of the previous stage\)"):
+        encode_phases(x, encoder, None, 3, 1, 2)
+
+
+def test_phase_count_is_read_from_the_image_channels():
+    assert split_phase_channels(5, 1, 2) == 3
+    assert split_phase_channels(8, 2, 2) == 3
+    assert split_phase_channels(4, 1) == 4
+    for channels, per_phase, previous in ((5, 2, 2), (2, 1, 2), (4, 0, 0), (4, 1, -1)):
+        with pytest.raises(ValueError, match="channels_per_phase"):
+            split_phase_channels(channels, per_phase, previous)
+
+
+def test_cascade_input_channels_are_those_beyond_the_image_channels():
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(copy.deepcopy(CASCADE_PLANS))
+    assert cascade_input_channels(manager.get_configuration("3d_fullres"), 4) == 0
+    assert cascade_input_channels(manager.get_configuration("3d_lowres"), 4) == 0
+    assert cascade_input_channels(manager.get_configuration("3d_cascade_fullres"), 6) == 2
+    with pytest.raises(ValueError, match="leave none for the previous stage"):
+        cascade_input_channels(manager.get_configuration("3d_cascade_fullres"), 4)
+
+
+def _trainers():
+    catalogue = load_catalogue()
+    assert not catalogue.errors, catalogue.errors
+    return [e.name for e in catalogue.bases()]
+
+
+def make_cascade_trainer(name: str):
+    """As nnUNetv2_train DATASET 3d_cascade_fullres 0 -tr NAME builds it, then initialize()."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    torch.manual_seed(0)
+    plans = dict(copy.deepcopy(CASCADE_PLANS), continue_training=False)
+    trainer = recursive_find_trainer_class_by_name(name)(plans, "3d_cascade_fullres", 0, copy.deepcopy(DATASET_JSON),
+                                                         torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def cascade_batch(trainer) -> dict:
+    """nnU-Net's cascade batch: the four phase images, then the previous stage's one-hot liver and tumor (here
+    the reference, dilated by a voxel in x as a previous stage's imperfect segmentation would be)."""
+    batch = make_batch(trainer)
+    label = batch["target"][0]
+    previous = torch.cat([(torch.roll(label, 1, -1) == value).float() for value in (1, 2)], 1)
+    batch["data"] = torch.cat((batch["data"], previous), 1)
+    return batch
+
+
+@pytest.mark.parametrize("name", _trainers())
+def test_every_trainer_trains_in_the_cascade_and_reads_the_previous_stage(nnunet_folders, name):  # noqa: F811
+    trainer = make_cascade_trainer(name)
+    assert trainer.is_cascaded and trainer.num_input_channels == len(PHASES) + FOREGROUND_LABELS
+    network = trainer.network
+    if hasattr(network, "num_phases"):  # a network that reads the channels as phases
+        assert (network.num_phases, network.previous_stage_channels) == (len(PHASES), FOREGROUND_LABELS)
+        fusion = getattr(network, "phase_fusions", [None])[0]
+        if hasattr(fusion, "phase_bias") and network.fusion != "early":
+            assert len(fusion.phase_bias) == len(PHASES)
+    batch = cascade_batch(trainer)
+    result = trainer.train_step(batch)
+    assert torch.isfinite(torch.as_tensor(result["loss"]))
+
+    network.eval()
+    with torch.no_grad():
+        data = batch["data"]
+        other = data.clone()
+        other[:, len(PHASES):] = 0  # the previous stage found nothing
+        seg = network(data)
+        seg = seg[0] if isinstance(seg, (list, tuple)) else seg
+        seg_other = network(other)
+        seg_other = seg_other[0] if isinstance(seg_other, (list, tuple)) else seg_other
+    assert not torch.allclose(seg, seg_other), "the previous stage's segmentation does not reach the output"
+
+
+def test_cascade_is_logged(nnunet_folders):  # noqa: F811
+    trainer = make_cascade_trainer("nnUNetTrainerSTDNet")
+    with open(trainer.log_file) as f:
+        log = f.read()
+    assert "Cascade: the 3d_lowres stage's segmentation (2 one-hot channels after the images) is encoded " \
+           "together with every phase image" in log
+
+
+def test_mti_net_tim_reads_the_phase_images_not_the_previous_stage(nnunet_folders):  # noqa: F811
+    from nnunet_liver_ext.losses.case_losses import masked_l1
+    from nnunet_liver_ext.networks.mti_net import masked_phase_means
+
+    trainer = make_cascade_trainer("nnUNetTrainerMTINet")
+    batch = cascade_batch(trainer)
+    data = batch["data"]
+    tumor = batch["target"][0] == 2
+    trainer.network.eval()
+    with torch.no_grad():
+        output = trainer.network(data, heads=True)
+        loss = trainer.tim_loss(data, output, tumor)
+    probability = torch.softmax(output.seg_highres.float(), 1)[:, 2:3]
+    images = data[:, :len(PHASES)]
+    curve = masked_phase_means(images, probability)
+    assert curve.shape == (2, len(PHASES))
+    expected = masked_l1(curve, masked_phase_means(images, tumor.float()), tumor.flatten(1).any(1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_trainer_of_a_network_without_phases_passes_every_channel_on(nnunet_folders):  # noqa: F811
+    trainer = make_cascade_trainer("nnUNetTrainerMambaCodebook")
+    first_conv = next(m for m in trainer.network.modules() if isinstance(m, nn.Conv3d))
+    assert first_conv.in_channels == len(PHASES) + FOREGROUND_LABELS
+    with open(trainer.log_file) as f:
+        assert "(2 one-hot channels after the images) is more input channels of the network" in f.read()
