@@ -305,12 +305,27 @@ def test_trainer_turns_inclusion_off_unless_labels_are_liver_and_tumor():
     def channels(labels, regions_class_order=None):
         return trainer.liver_and_tumor_channels(LabelManager(labels, regions_class_order), {"labels": labels})
 
-    assert channels({"background": 0, "liver": 1, "tumor": 2}) == (1, 2)
-    assert channels({"background": 0, "liver": 2, "cancer": 1}) == (2, 1)
+    assert channels({"background": 0, "liver": 1, "tumor": 2}) == (1, 2, "softmax")
+    assert channels({"background": 0, "liver": 2, "cancer": 1}) == (2, 1, "softmax")
     assert channels({"background": 0, "tumor": 1}) is None
     assert channels({"background": 0, "liver": 1}) is None
     assert channels({"background": 0, "kidney": 1, "tumor": 2}) is None
-    assert channels({"background": 0, "liver": [1, 2], "tumor": 2}, [1, 2]) is None  # region-based training
+    # region-based training: a liver region that contains the tumor region, outputs in dataset.json order
+    assert channels({"background": 0, "liver": [1, 2], "tumor": 2}, [1, 2]) == (0, 1, "sigmoid")
+    assert channels({"background": 0, "tumor": [2], "liver": [1, 2]}, [2, 1]) == (1, 0, "sigmoid")
+    assert channels({"background": 0, "liver": [1], "tumor": [2]}, [1, 2]) is None  # the liver excludes the tumor
+
+
+def test_inclusion_loss_on_region_outputs():
+    # region logits (liver region ⊇ tumor, tumor): tumor inside the liver region costs nothing, outside it does
+    liver = torch.full((1, 1, 9, 9, 9), -8.0)
+    liver[..., 1:8, 1:8, 1:8] = 8.0
+    tumor_inside = torch.full((1, 1, 9, 9, 9), -8.0)
+    tumor_inside[..., 3:6, 3:6, 3:6] = 8.0
+    assert float(inclusion_loss(torch.cat((liver, tumor_inside), 1), 0, 1, activation="sigmoid")) < 1e-3
+    tumor_outside = torch.full((1, 1, 9, 9, 9), -8.0)
+    tumor_outside[..., 0, 0, 0:3] = 8.0
+    assert float(inclusion_loss(torch.cat((liver, tumor_outside), 1), 0, 1, activation="sigmoid")) > 2 / 9 ** 3
 
 
 def test_trainer_catalogue():

@@ -36,7 +36,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
-from nnunet_liver_ext.training.multitask_trainer import tumor_label_value, tumor_output_channel
+from nnunet_liver_ext.training.multitask_trainer import lesion_output, tumor_label_value
 from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block
 
 CSV_NAME = "characterization.csv"
@@ -137,8 +137,9 @@ class CharacterizationPredictor(nnUNetPredictor):
                 curve = curve + o.curve.float()
         n = len(combos) + 1
         seg = seg / n
-        tumor = tumor_output_channel(self.label_manager, self.dataset_json)
-        lesion_voxels = (seg.argmax(1) == tumor).sum()
+        tumor, activation = lesion_output(self.label_manager, self.dataset_json)
+        # as nnU-Net turns the logits into the written segmentation: argmax of labels, a region above 0.5
+        lesion_voxels = (seg[:, tumor] > 0).sum() if activation == "sigmoid" else (seg.argmax(1) == tumor).sum()
         self._patch_records.append((int(lesion_voxels.item()), cls[0].cpu() / n if cls is not None else None,
                                     curve[0].cpu() / n if curve is not None else None))
         return seg

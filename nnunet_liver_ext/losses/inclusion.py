@@ -16,6 +16,10 @@ is zero for a tumor enclosed by liver whatever its size (every neighbour of a tu
 or liver) and positive where tumor probability meets background, i.e. for tumor outside the
 liver or bulging through its surface. It runs in fp32 on the full-resolution output (nnU-Net
 gives the coarsest deep-supervision output weight 0).
+
+With nnU-Net's region-based training (``regions_class_order``) the outputs are one sigmoid per region;
+with a liver region that contains the tumor (``"liver": [1, 2], "tumor": 2``), ``p_L`` is the liver
+region's own sigmoid, which is not bounded below by ``p_T``: the pointwise term counts there too.
 """
 from __future__ import annotations
 
@@ -40,15 +44,24 @@ def eroded_region_probability(probability: torch.Tensor, kernel_size: int = 3) -
 
 
 def inclusion_loss(seg_logits: torch.Tensor, liver_channel: int, tumor_channel: int,
-                   kernel_size: int = 3) -> torch.Tensor:
-    """``mean(ReLU(p_T - erode(p_liver + p_T)))`` from segmentation logits ``(B, K, *S)`` (softmax over K).
+                   kernel_size: int = 3, activation: str = "softmax") -> torch.Tensor:
+    """``mean(ReLU(p_T - erode(p_L)))`` from segmentation logits ``(B, K, *S)``.
 
-    ``liver_channel`` / ``tumor_channel``: the output channels of the liver and tumor labels.
+    ``activation="softmax"`` (nnU-Net's labels): ``liver_channel`` / ``tumor_channel`` are the outputs of the
+    liver and tumor labels, ``p_L = p_liver + p_T``. ``"sigmoid"`` (regions): they are the outputs of the
+    liver region (which contains the tumor) and the tumor region, ``p_L`` the liver region's sigmoid.
     """
     if liver_channel == tumor_channel:
         raise ValueError("liver and tumor must be different output channels")
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
     with autocast_off(seg_logits.device.type):
-        probabilities = torch.softmax(seg_logits.float(), 1)
-        p_tumor = probabilities[:, tumor_channel:tumor_channel + 1]
-        p_region = p_tumor + probabilities[:, liver_channel:liver_channel + 1]
+        logits = seg_logits.float()
+        if activation == "sigmoid":
+            p_tumor = torch.sigmoid(logits[:, tumor_channel:tumor_channel + 1])
+            p_region = torch.sigmoid(logits[:, liver_channel:liver_channel + 1])
+        else:
+            probabilities = torch.softmax(logits, 1)
+            p_tumor = probabilities[:, tumor_channel:tumor_channel + 1]
+            p_region = p_tumor + probabilities[:, liver_channel:liver_channel + 1]
         return F.relu(p_tumor - eroded_region_probability(p_region, kernel_size)).mean()

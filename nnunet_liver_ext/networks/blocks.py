@@ -189,12 +189,26 @@ class AttentionPool(nn.Module):
         return torch.einsum("bl,blc->bc", weights, tokens)
 
 
-def lesion_probability(seg: torch.Tensor, lesion_channel: int) -> torch.Tensor:
-    """``(B, 1, *S)`` softmax probability of channel ``lesion_channel`` of segmentation logits
-    ``(B, K, *S)``. Detached: the case-level loss must not reshape the segmentation, only use it to
-    look at the lesion."""
-    channel = lesion_channel % seg.shape[1]
-    return torch.softmax(seg.detach().float(), 1)[:, channel:channel + 1]
+#: how segmentation logits become probabilities: nnU-Net's labels (softmax over the outputs) or regions
+#: (``regions_class_order`` in dataset.json: one sigmoid per output, the regions may overlap)
+LESION_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def output_probability(seg: torch.Tensor, channel: int, activation: str = "softmax") -> torch.Tensor:
+    """``(B, 1, *S)`` fp32 probability of output ``channel`` of segmentation logits ``(B, K, *S)``:
+    the softmax over the K outputs (labels) or the channel's sigmoid (regions). Differentiable."""
+    if activation not in LESION_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {LESION_ACTIVATIONS}, got {activation!r}")
+    channel = channel % seg.shape[1]
+    if activation == "sigmoid":
+        return torch.sigmoid(seg[:, channel:channel + 1].float())
+    return torch.softmax(seg.float(), 1)[:, channel:channel + 1]
+
+
+def lesion_probability(seg: torch.Tensor, lesion_channel: int, activation: str = "softmax") -> torch.Tensor:
+    """:func:`output_probability` of the lesion channel, detached: the case-level loss must not reshape
+    the segmentation, only use it to look at the lesion."""
+    return output_probability(seg.detach(), lesion_channel, activation)
 
 
 def lesion_log_prior(probability: torch.Tensor, spatial_size, eps: float = 1e-3) -> torch.Tensor:

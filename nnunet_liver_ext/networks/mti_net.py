@@ -46,9 +46,9 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import (AttentionPool, autocast_off, build_phase_encoders, encode_phases,
-                                              encoder_skip_sizes, lesion_log_prior, lesion_probability, numel,
-                                              spatial_dims, split_phase_channels)
+from nnunet_liver_ext.networks.blocks import (LESION_ACTIVATIONS, AttentionPool, autocast_off, build_phase_encoders,
+                                              encode_phases, encoder_skip_sizes, lesion_log_prior, lesion_probability,
+                                              numel, spatial_dims, split_phase_channels)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.transfer import load_pretrained_state
 
@@ -245,6 +245,7 @@ class MTINet(nn.Module):
         disc_embed_dim / disc_layers / disc_heads: the discriminator's Transformer.
         lesion_channel: segmentation output of the lesion (tumor); the token pooling adds the log of its
             (detached) probability to its attention scores. ``None``: learned attention alone.
+        lesion_activation: ``softmax`` (nnU-Net's labels) or ``sigmoid`` (region-based training).
 
     forward(x ``(B, N * channels_per_phase + previous_stage_channels, *S)``, heads=False, lesion_mask=None)
     -> seg logits (list with deep supervision), or with ``heads=True`` a NetworkOutput with ``curve`` ``(B, N)``
@@ -262,7 +263,8 @@ class MTINet(nn.Module):
                  mdief: str = "full",
                  hpf_cutoff: float = 0.1, embed_dim: int = 256, num_layers: int = 3, num_heads: int = 4,
                  transformer_dropout: float = 0.1, disc_embed_dim: int = 64, disc_layers: int = 2,
-                 disc_heads: int = 4, lesion_channel: Optional[int] = -1, **arch_kwargs):
+                 disc_heads: int = 4, lesion_channel: Optional[int] = -1,
+                 lesion_activation: str = "softmax", **arch_kwargs):
         super().__init__()
         if mdief not in MDIEF_MODES:
             raise ValueError(f"mdief must be one of {MDIEF_MODES}, got {mdief!r}")
@@ -274,6 +276,8 @@ class MTINet(nn.Module):
                              f"num_case_classes >= 1 (got curve_head={curve_head}, num_case_classes={num_case_classes})")
         if lesion_channel is not None and not -num_classes <= lesion_channel < num_classes:
             raise ValueError(f"lesion_channel {lesion_channel} is not a channel of {num_classes} segmentation outputs")
+        if lesion_activation not in LESION_ACTIVATIONS:
+            raise ValueError(f"lesion_activation must be one of {LESION_ACTIVATIONS}, got {lesion_activation!r}")
         if "n_conv_per_stage_decoder" not in arch_kwargs:
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
         self.conv_op: Type[_ConvNd] = arch_kwargs["conv_op"]
@@ -282,6 +286,7 @@ class MTINet(nn.Module):
         self.previous_stage_channels = previous_stage_channels
         self.share_encoder = share_encoder
         self.lesion_channel = lesion_channel
+        self.lesion_activation = lesion_activation
         self.mdief_mode = mdief
 
         encoder, self.encoders = build_phase_encoders(self.num_phases, channels_per_phase, arch_kwargs,
@@ -337,7 +342,7 @@ class MTINet(nn.Module):
             if lesion_mask is None and self.lesion_channel is not None:
                 # the full-resolution output: nnU-Net trains the coarsest deep-supervision output with weight 0
                 full_resolution = seg[0] if isinstance(seg, (list, tuple)) else seg
-                lesion_mask = lesion_probability(full_resolution, self.lesion_channel)
+                lesion_mask = lesion_probability(full_resolution, self.lesion_channel, self.lesion_activation)
             hidden = self.transformer(self.phase_tokens(features, lesion_mask))
             if self.curve_head is not None:
                 curve = self.curve_head(hidden).squeeze(-1)

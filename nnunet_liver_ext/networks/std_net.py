@@ -35,8 +35,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import (AttentionPool, ConvGRU, PhaseFusion, build_encoder,
-                                              build_phase_encoders, encode_phases, encoder_skip_sizes,
+from nnunet_liver_ext.networks.blocks import (LESION_ACTIVATIONS, AttentionPool, ConvGRU, PhaseFusion,
+                                              build_encoder, build_phase_encoders, encode_phases, encoder_skip_sizes,
                                               lesion_log_prior, lesion_probability, mlp_head, numel, spatial_dims,
                                               split_phase_channels)
 from nnunet_liver_ext.networks.contract import NetworkOutput
@@ -187,6 +187,8 @@ class STDNet(nn.Module):
             scores, so the head looks where the segmentation sees the lesion instead of having to
             find it from the classification loss alone (ours). ``None`` pools by learned attention
             alone. Default: the last output (label 2 = tumor in this package's label convention).
+        lesion_activation: ``softmax`` (nnU-Net's labels) or ``sigmoid`` (region-based training, where
+            ``lesion_channel`` is the tumor region's output).
 
     forward(x (B, N * channels_per_phase + previous_stage_channels, *S), heads=False, lesion_mask=None)
     -> seg logits (list with deep supervision) or, with ``heads=True``, a NetworkOutput with ``cls_logits`` (B, K).
@@ -204,7 +206,8 @@ class STDNet(nn.Module):
                  fusion: str = "decoupled", share_encoder: bool = True, embed_dim: Optional[int] = None,
                  num_layers: int = 6, num_heads: int = 8, transformer_dropout: float = 0.1,
                  mlp_hidden: int = 512, mlp_dropout: float = 0.3, reference_phase: Optional[int] = None,
-                 hybrid_rank: int = 16, lesion_channel: Optional[int] = -1, **arch_kwargs):
+                 hybrid_rank: int = 16, lesion_channel: Optional[int] = -1,
+                 lesion_activation: str = "softmax", **arch_kwargs):
         super().__init__()
         if temporal not in TEMPORAL_MODELERS:
             raise ValueError(f"temporal must be one of {TEMPORAL_MODELERS}, got {temporal!r}")
@@ -215,9 +218,12 @@ class STDNet(nn.Module):
             raise ValueError(f"num_case_classes must be >= 0, got {num_case_classes}")
         if lesion_channel is not None and not -num_classes <= lesion_channel < num_classes:
             raise ValueError(f"lesion_channel {lesion_channel} is not a channel of {num_classes} segmentation outputs")
+        if lesion_activation not in LESION_ACTIVATIONS:
+            raise ValueError(f"lesion_activation must be one of {LESION_ACTIVATIONS}, got {lesion_activation!r}")
         if "n_conv_per_stage_decoder" not in arch_kwargs:
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
         self.lesion_channel = lesion_channel
+        self.lesion_activation = lesion_activation
         self.channels_per_phase = channels_per_phase
         self.previous_stage_channels = previous_stage_channels
         self.fusion = fusion
@@ -305,7 +311,7 @@ class STDNet(nn.Module):
                     # The full-resolution output: nnU-Net gives the coarsest deep-supervision output
                     # loss weight 0, so that one never learns where the lesion is.
                     full_resolution = seg[0] if isinstance(seg, (list, tuple)) else seg
-                    lesion_mask = lesion_probability(full_resolution, self.lesion_channel)
+                    lesion_mask = lesion_probability(full_resolution, self.lesion_channel, self.lesion_activation)
                 log_prior = lesion_log_prior(lesion_mask, encoder_bottleneck.shape[3:])
             cls_logits = self.cls_head(self._case_feature(encoder_bottleneck, skips[-1], log_prior, hybrid_context))
         return NetworkOutput(seg=seg, cls_logits=cls_logits)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nnunet_liver_ext.losses.case_losses import masked_bce_with_logits, masked_l1, samples_over_ranks
+from nnunet_liver_ext.networks.blocks import output_probability
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.networks.mti_net import MTINet, masked_phase_means
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
@@ -120,10 +121,9 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         """L_1seg: L1 between the curve under the predicted tumor probability and under the reference
         tumor mask, both the weighted means of the same normalised phase images. tumor ``(B, 1, *S)`` bool."""
         network = unwrap_network(self.network)
-        channel = liver_ext_block(self.plans_manager.plans).get("lesion_channel", -1)
-        logits = output.seg_highres.float()
-        channel %= logits.shape[1]
-        probability = torch.softmax(logits, 1)[:, channel:channel + 1]
+        block = liver_ext_block(self.plans_manager.plans)
+        probability = output_probability(output.seg_highres, block.get("lesion_channel", -1),
+                                         block.get("lesion_activation", "softmax"))
         images = data[:, :network.num_phases * network.channels_per_phase]  # not a cascade's segmentation
         predicted = masked_phase_means(images, probability, network.channels_per_phase)
         reference = masked_phase_means(images, tumor.float(), network.channels_per_phase)

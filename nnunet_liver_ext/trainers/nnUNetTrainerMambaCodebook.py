@@ -31,12 +31,11 @@ from nnunet_liver_ext.losses.inclusion import inclusion_loss
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.networks.mamba_codebook import MambaCodebookUNet
 from nnunet_liver_ext.networks.ssd import Mamba2SSD, describe_backend
-from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
+from nnunet_liver_ext.training.multitask_trainer import TUMOR_NAMES, LiverMultiTaskTrainer, region_key
 from nnunet_liver_ext.training.schedules import register_schedule_variants
 
 #: the paper's widths (4 levels; ~1.24 M parameters with nnU-Net's 2 convolutions per stage)
 PAPER_STAGE_FEATURES = (13, 26, 52, 104)
-TUMOR_NAMES = ("tumor", "cancer", "lesion")
 
 
 class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
@@ -67,24 +66,34 @@ class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
             self.print_to_log_file("Inclusion loss: off (weight 0).")
         elif self.inclusion_channels is None:
             self.print_to_log_file(f"Inclusion loss: OFF, the dataset's labels {dataset_json['labels']} are not "
-                                   f"liver + tumor (need a 'liver' label and one of {list(TUMOR_NAMES)}).")
+                                   f"liver + tumor (need a 'liver' label and one of {list(TUMOR_NAMES)}; with "
+                                   f"regions, a 'liver' region that contains the tumor region).")
         else:
-            self.print_to_log_file(f"Inclusion loss: on, weight {self.inclusion_weight}, liver / tumor output "
-                                   f"channels {self.inclusion_channels}, erosion kernel {self.inclusion_kernel}.")
+            liver, tumor, activation = self.inclusion_channels
+            kind = "region" if activation == "sigmoid" else "label"
+            self.print_to_log_file(f"Inclusion loss: on, weight {self.inclusion_weight}, liver / tumor {kind} output "
+                                   f"channels ({liver}, {tumor}), erosion kernel {self.inclusion_kernel}.")
 
     @staticmethod
     def liver_and_tumor_channels(label_manager, dataset_json: dict):
-        """(liver, tumor) output channels, or None when the labels are not liver + tumor."""
-        if label_manager.has_regions:
-            return None
+        """(liver, tumor, activation) output channels, or None when the labels are not liver + tumor: with
+        regions, a liver region that contains the tumor region (``"liver": [1, 2], "tumor": 2``)."""
         labels = dataset_json["labels"]
         liver = labels.get("liver")
         tumor = next((labels[n] for n in TUMOR_NAMES if n in labels), None)
+        if liver is None or tumor is None:
+            return None
+        if label_manager.has_regions:
+            regions = [region_key(r) for r in label_manager.foreground_regions]
+            liver, tumor = region_key(liver), region_key(tumor)
+            if liver not in regions or tumor not in regions or liver == tumor or not set(tumor) <= set(liver):
+                return None
+            return regions.index(liver), regions.index(tumor), "sigmoid"
         all_labels = list(label_manager.all_labels)
         if not isinstance(liver, int) or not isinstance(tumor, int) or liver not in all_labels \
                 or tumor not in all_labels or liver == tumor:
             return None
-        return all_labels.index(liver), all_labels.index(tumor)
+        return all_labels.index(liver), all_labels.index(tumor), "softmax"
 
     def initialize(self):
         super().initialize()
@@ -97,9 +106,9 @@ class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
     def case_loss_terms(self, output: NetworkOutput, target, keys: List[str]) -> Dict[str, torch.Tensor]:
         terms = super().case_loss_terms(output, target, keys)
         if self.inclusion_channels is not None and self.inclusion_weight > 0:
-            liver, tumor = self.inclusion_channels
+            liver, tumor, activation = self.inclusion_channels
             terms["inc"] = self.inclusion_weight * inclusion_loss(output.seg_highres, liver, tumor,
-                                                                  self.inclusion_kernel)
+                                                                  self.inclusion_kernel, activation)
         return terms
 
     def on_train_epoch_end(self, train_outputs: List[dict]):

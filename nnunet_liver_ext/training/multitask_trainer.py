@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,22 +50,50 @@ from nnunet_liver_ext.training.resume import (RESUME_STATE_KEY, capture_random_s
 install_pretrained_weights_loader()
 
 
+TUMOR_NAMES = ("tumor", "cancer", "lesion")
+
+
 def tumor_label_value(dataset_json: dict) -> int:
     """The label value of the tumor class: ``labels["tumor"]`` (or MSD's "cancer"), else the
-    highest foreground label."""
+    highest foreground label. In a region-based dataset (``regions_class_order``), the label value
+    nnU-Net writes the tumor region as."""
     labels = dataset_json["labels"]
-    for name in ("tumor", "cancer", "lesion"):
+    for name in TUMOR_NAMES:
         if name in labels and isinstance(labels[name], int):
             return labels[name]
+    if dataset_json.get("regions_class_order"):
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+        label_manager = LabelManager(labels, dataset_json["regions_class_order"])
+        index = tumor_region_index(label_manager, labels)
+        return max(label_manager.regions_class_order) if index is None else label_manager.regions_class_order[index]
     values = [v for v in labels.values() if isinstance(v, int)]
     return max(values)
 
 
-def tumor_output_channel(label_manager, dataset_json: dict) -> int:
-    """The segmentation output channel of the tumor label (nnU-Net orders the outputs by label value)."""
-    if label_manager.has_regions:
-        raise NotImplementedError("case-level heads with region-based training are not supported")
-    return list(label_manager.all_labels).index(tumor_label_value(dataset_json))
+def region_key(value) -> tuple:
+    """A dataset.json label or region (``2``, ``[1, 2]``) as a sorted tuple of label values."""
+    return tuple(sorted(value)) if isinstance(value, (list, tuple)) else (value,)
+
+
+def tumor_region_index(label_manager, labels: dict) -> Optional[int]:
+    """Index among nnU-Net's foreground regions (its outputs, in dataset.json order) of the tumor region:
+    ``labels["tumor"]`` (or "cancer", "lesion"), else the region that is the highest label of
+    ``regions_class_order`` alone; None when there is no such region."""
+    regions = [region_key(r) for r in label_manager.foreground_regions]
+    named = next((labels[n] for n in TUMOR_NAMES if n in labels), None)
+    wanted = region_key(named) if named is not None else (max(label_manager.regions_class_order),)
+    return regions.index(wanted) if wanted in regions else None
+
+
+def lesion_output(label_manager, dataset_json: dict) -> Optional[Tuple[int, str]]:
+    """``(output channel, activation)`` of the tumor: the channel of the tumor label and ``softmax`` (nnU-Net
+    orders the outputs by label value), or, for region-based training, the channel of the tumor region and
+    ``sigmoid`` (one output per foreground region); None for regions without a tumor region."""
+    if not label_manager.has_regions:
+        return list(label_manager.all_labels).index(tumor_label_value(dataset_json)), "softmax"
+    index = tumor_region_index(label_manager, dataset_json["labels"])
+    return None if index is None else (index, "sigmoid")
 
 
 def cascade_input_channels(configuration_manager, num_input_channels: int) -> int:
@@ -133,6 +161,16 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_targets = targets
         self.tumor_label = tumor_label_value(dataset_json)
+        # region-based training: the targets are one binary map per region, the tumor's is this channel
+        self.tumor_region_channel = None
+        if self.label_manager.has_regions:
+            lesion = lesion_output(self.label_manager, dataset_json)
+            if lesion is None and liver_ext_block(self.plans_manager.plans).get("case_heads"):
+                raise ValueError(f"{type(self).__name__}'s case-level heads look at the tumor, but the regions of "
+                                 f"dataset.json {dataset_json['labels']} have none: name the tumor region 'tumor' (or "
+                                 f"one of {list(TUMOR_NAMES[1:])}), or give the highest label of regions_class_order "
+                                 f"a region of its own")
+            self.tumor_region_channel = None if lesion is None else lesion[0]
         if "cls" not in self.case_heads:
             pass  # a segmentation method: nothing to say about case labels it never reads
         elif targets.has_classes:
@@ -159,8 +197,9 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         plans = copy.deepcopy(plans)
         plans[PLANS_KEY] = cls.plans_block(targets, plans.get(PLANS_KEY))
         label_manager = PlansManager(plans).get_label_manager(dataset_json)
-        if not label_manager.has_regions:
-            plans[PLANS_KEY]["lesion_channel"] = tumor_output_channel(label_manager, dataset_json)
+        lesion = lesion_output(label_manager, dataset_json)
+        if lesion is not None:
+            plans[PLANS_KEY]["lesion_channel"], plans[PLANS_KEY]["lesion_activation"] = lesion
         return plans
 
     @classmethod
@@ -195,6 +234,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         kwargs.update(cls.network_kwargs)
         if cls.network_takes_lesion_channel and "lesion_channel" in block:
             kwargs["lesion_channel"] = block["lesion_channel"]
+            kwargs["lesion_activation"] = block.get("lesion_activation", "softmax")
         if cls.network_takes_patch_size:
             kwargs["patch_size"] = configuration_manager.patch_size
         previous_stage_channels = cascade_input_channels(configuration_manager, num_input_channels)
@@ -243,8 +283,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         term is the mean over every rank's qualifying samples (``losses/case_losses.py``).
         """
         terms: Dict[str, torch.Tensor] = {}
-        full_res_target = target[0] if isinstance(target, (list, tuple)) else target
-        has_lesion = (full_res_target == self.tumor_label).flatten(1).any(1)
+        has_lesion = self.reference_tumor(target).flatten(1).any(1)
         if output.cls_logits is not None and self.loss_weights.get("cls", 0) > 0:
             labels, known = self.case_targets.class_labels(keys, self.device)
             terms["cls"] = self.loss_weights["cls"] * masked_cross_entropy(output.cls_logits, labels,
@@ -300,8 +339,18 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         keys = [str(k) for k in batch["keys"]]
         self._last_keys = keys
-        tumor = (target[0] if isinstance(target, list) else target) == self.tumor_label
-        return data, target, keys, tumor
+        return data, target, keys, self.reference_tumor(target)
+
+    def reference_tumor(self, target) -> torch.Tensor:
+        """``(B, 1, *S)`` bool: the reference tumor of nnU-Net's (deep-supervision) target at full resolution,
+        a label map, or with region-based training one binary map per region."""
+        full_resolution = target[0] if isinstance(target, (list, tuple)) else target
+        if not self.label_manager.has_regions:
+            return full_resolution == self.tumor_label
+        if self.tumor_region_channel is None:  # regions without a tumor: a segmentation-only method's dataset
+            return torch.zeros_like(full_resolution[:, :1], dtype=torch.bool)
+        channel = self.tumor_region_channel
+        return full_resolution[:, channel:channel + 1] > 0.5
 
     def train_step(self, batch: dict) -> dict:
         data, target, keys, tumor = self.unpack_batch(batch)
