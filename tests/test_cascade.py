@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_liver_ext.catalogue import load_catalogue
 from nnunet_liver_ext.networks.blocks import build_phase_encoders, encode_phases, split_phase_channels
 from nnunet_liver_ext.training.multitask_trainer import cascade_input_channels
 
-from test_mti_net_trainer import DATASET_JSON, PATCH, PHASES, PLANS, make_batch, nnunet_folders  # noqa: F401
+from test_mti_net_trainer import (PHASES, PLANS, catalogue_trainers, make_batch, make_trainer,  # noqa: F401
+                                  nnunet_folders)
 
 torch.set_num_threads(1)
 
@@ -79,22 +79,9 @@ def test_cascade_input_channels_are_those_beyond_the_image_channels():
         cascade_input_channels(manager.get_configuration("3d_cascade_fullres"), 4)
 
 
-def _trainers():
-    catalogue = load_catalogue()
-    assert not catalogue.errors, catalogue.errors
-    return [e.name for e in catalogue.bases()]
-
-
 def make_cascade_trainer(name: str):
     """As nnUNetv2_train DATASET 3d_cascade_fullres 0 -tr NAME builds it, then initialize()."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    torch.manual_seed(0)
-    plans = dict(copy.deepcopy(CASCADE_PLANS), continue_training=False)
-    trainer = recursive_find_trainer_class_by_name(name)(plans, "3d_cascade_fullres", 0, copy.deepcopy(DATASET_JSON),
-                                                         torch.device("cpu"))
-    trainer.initialize()
-    return trainer
+    return make_trainer(name, plans=CASCADE_PLANS, configuration="3d_cascade_fullres")
 
 
 def cascade_batch(trainer) -> dict:
@@ -107,7 +94,7 @@ def cascade_batch(trainer) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("name", _trainers())
+@pytest.mark.parametrize("name", catalogue_trainers())
 def test_every_trainer_trains_in_the_cascade_and_reads_the_previous_stage(nnunet_folders, name):  # noqa: F811
     trainer = make_cascade_trainer(name)
     assert trainer.is_cascaded and trainer.num_input_channels == len(PHASES) + FOREGROUND_LABELS

@@ -84,16 +84,27 @@ def nnunet_folders(tmp_path_factory):
             os.environ[key] = value
 
 
-def make_trainer(name: str, dataset_json: dict = DATASET_JSON, continue_training: bool = False):
+def make_trainer(name: str, dataset_json: dict = DATASET_JSON, continue_training: bool = False, plans: dict = PLANS,
+                 configuration: str = "3d_fullres"):
     """As nnunetv2.run.run_training.get_trainer_from_args builds it, then initialize()."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     torch.manual_seed(0)
-    plans = dict(copy.deepcopy(PLANS), continue_training=continue_training)
-    trainer = recursive_find_trainer_class_by_name(name)(plans, "3d_fullres", 0, copy.deepcopy(dataset_json),
+    plans = dict(copy.deepcopy(plans), continue_training=continue_training)
+    trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, copy.deepcopy(dataset_json),
                                                          torch.device("cpu"))
     trainer.initialize()
     return trainer
+
+
+def catalogue_trainers() -> list:
+    """Every method trainer and variant of the package (the catalogue's), so tests over all trainers cover a
+    method added later without being edited."""
+    from nnunet_liver_ext.catalogue import load_catalogue
+
+    catalogue = load_catalogue()
+    assert not catalogue.errors, catalogue.errors
+    return [e.name for e in catalogue.bases()]
 
 
 def make_batch(trainer, keys=("a", "b")) -> dict:

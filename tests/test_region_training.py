@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_liver_ext.catalogue import load_catalogue
 from nnunet_liver_ext.networks.blocks import lesion_probability, output_probability
 from nnunet_liver_ext.training.multitask_trainer import lesion_output, tumor_label_value
 
-from test_mti_net_trainer import DATASET_JSON, PATCH, PLANS, nnunet_folders  # noqa: F401
+from test_mti_net_trainer import (DATASET_JSON, PATCH, PLANS, catalogue_trainers, make_trainer,  # noqa: F401
+                                  nnunet_folders)
 
 torch.set_num_threads(1)
 
@@ -51,21 +51,8 @@ def test_output_probability_softmax_over_labels_sigmoid_per_region():
         output_probability(logits, 1, "relu")
 
 
-def _trainers():
-    catalogue = load_catalogue()
-    assert not catalogue.errors, catalogue.errors
-    return [e.name for e in catalogue.bases()]
-
-
 def make_region_trainer(name: str):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    torch.manual_seed(0)
-    plans = dict(copy.deepcopy(PLANS), continue_training=False)
-    trainer = recursive_find_trainer_class_by_name(name)(plans, "3d_fullres", 0, copy.deepcopy(REGION_DATASET_JSON),
-                                                         torch.device("cpu"))
-    trainer.initialize()
-    return trainer
+    return make_trainer(name, REGION_DATASET_JSON)
 
 
 def region_batch(trainer, tumor_in=(True, True)) -> dict:
@@ -83,7 +70,7 @@ def region_batch(trainer, tumor_in=(True, True)) -> dict:
     return {"data": data, "target": targets, "keys": ["a", "b"][:len(tumor_in)], "label": label}
 
 
-@pytest.mark.parametrize("name", _trainers())
+@pytest.mark.parametrize("name", catalogue_trainers())
 def test_every_trainer_trains_on_regions_and_its_heads_see_the_tumor_region(nnunet_folders, name):  # noqa: F811
     trainer = make_region_trainer(name)
     assert trainer.label_manager.has_regions
