@@ -35,7 +35,7 @@ def test_training_logs_losses_backend_and_codebook_usage(workspace):
     fold = workspace["model"] / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     log = workspace["train_log"]
-    assert "Inclusion loss: on, weight 0.6, liver / tumor output channels (1, 2)" in log
+    assert "Inclusion loss: on, weight 0.6, liver / tumor label output channels (1, 2)" in log
     assert "GFR Mamba2 block backend: torch (chunked SSD in PyTorch; CPU input)" in log
     terms = next(line for line in log.splitlines() if "train terms (weighted):" in line)
     assert "vq_loss" in terms and "inc_loss" in terms and "cls_loss" not in terms
