@@ -161,16 +161,17 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_targets = targets
         self.tumor_label = tumor_label_value(dataset_json)
-        # region-based training: the targets are one binary map per region, the tumor's is this channel
+        # region-based training: the targets are one binary map per region, the tumor's is the lesion channel
+        # plans_with_liver_block found (None: the regions have no tumor)
         self.tumor_region_channel = None
         if self.label_manager.has_regions:
-            lesion = lesion_output(self.label_manager, dataset_json)
-            if lesion is None and liver_ext_block(self.plans_manager.plans).get("case_heads"):
+            block = liver_ext_block(self.plans_manager.plans)
+            self.tumor_region_channel = block.get("lesion_channel")
+            if self.tumor_region_channel is None and block.get("case_heads"):
                 raise ValueError(f"{type(self).__name__}'s case-level heads look at the tumor, but the regions of "
                                  f"dataset.json {dataset_json['labels']} have none: name the tumor region 'tumor' (or "
                                  f"one of {list(TUMOR_NAMES[1:])}), or give the highest label of regions_class_order "
                                  f"a region of its own")
-            self.tumor_region_channel = None if lesion is None else lesion[0]
         if "cls" not in self.case_heads:
             pass  # a segmentation method: nothing to say about case labels it never reads
         elif targets.has_classes:
@@ -200,6 +201,9 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         lesion = lesion_output(label_manager, dataset_json)
         if lesion is not None:
             plans[PLANS_KEY]["lesion_channel"], plans[PLANS_KEY]["lesion_activation"] = lesion
+        else:  # regions without a tumor: no lesion channel, whatever plans this block was copied from said
+            plans[PLANS_KEY].pop("lesion_channel", None)
+            plans[PLANS_KEY].pop("lesion_activation", None)
         return plans
 
     @classmethod
