@@ -8,6 +8,8 @@ from nnunet_liver_ext.paths import TRAINERS_DIR
 from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
 
 BIN = Path(sys.executable).parent
+#: the plans `nnunet-liver plan --preset cpu-demo` writes
+CPU_DEMO_PLANS = "nnUNetPlans_CPUDemo"
 
 
 def nnunet_env(root: Path) -> dict:
@@ -44,6 +46,25 @@ def write_tiny_phantom_dataset(root: Path, dataset_id: int, name: str, n_train: 
                            p_no_lesion=0.0)
     cases = generate_cases(n_train + n_test, config, seed=seed, progress=False)
     return write_nnunet_raw(root / "raw", dataset_id, name, cases[:n_train], cases[n_train:])
+
+
+def tiny_trained_workspace(root: Path, dataset_id: int, name: str, trainer: str, n_train: int, n_test: int,
+                           seed: int, dataset_json_update: dict = None) -> dict:
+    """The end-to-end tests' workspace: tiny phantom cases (dataset.json updated with ``dataset_json_update``),
+    nnU-Net's planning and the CPU-demo plans, fold 0 of ``trainer`` trained on the CPU. Returns root, env,
+    dataset (its raw folder), model (the results folder) and train_log."""
+    import json
+
+    env = nnunet_env(root)
+    dataset = write_tiny_phantom_dataset(root, dataset_id, name, n_train=n_train, n_test=n_test, seed=seed)
+    if dataset_json_update:
+        dataset_json = json.loads((dataset / "dataset.json").read_text())
+        dataset_json.update(dataset_json_update)
+        (dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    plan_and_preprocess_cpu_demo(dataset_id, env, root)
+    log = train(dataset_id, 0, trainer, CPU_DEMO_PLANS, env, root)
+    model = root / "res" / dataset.name / f"{trainer}__{CPU_DEMO_PLANS}__3d_fullres"
+    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
 
 
 def assert_same_geometry(prediction: Path, reference: Path, labels=(0, 1, 2)) -> None:

@@ -10,28 +10,20 @@ import json
 import pytest
 import SimpleITK as sitk
 
-from nnunet_helpers import nnunet_env, plan_and_preprocess_cpu_demo, predict_held_out, train, write_tiny_phantom_dataset
+from nnunet_helpers import CPU_DEMO_PLANS as PLANS
+from nnunet_helpers import predict_held_out, tiny_trained_workspace
 
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 926
-PLANS = "nnUNetPlans_CPUDemo"
 TRAINER = "nnUNetTrainerSTDNet_tiny"
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("regions")
-    env = nnunet_env(root)
-    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "RegionsE2E", n_train=6, n_test=2, seed=3)
-    dataset_json = json.loads((dataset / "dataset.json").read_text())
-    dataset_json["labels"] = {"background": 0, "liver": [1, 2], "tumor": 2}
-    dataset_json["regions_class_order"] = [1, 2]
-    (dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-    plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
-    log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
-    model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
-    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
+    regions = {"labels": {"background": 0, "liver": [1, 2], "tumor": 2}, "regions_class_order": [1, 2]}
+    return tiny_trained_workspace(tmp_path_factory.mktemp("regions"), DATASET_ID, "RegionsE2E", TRAINER, n_train=6,
+                                  n_test=2, seed=3, dataset_json_update=regions)
 
 
 def _tumor_voxels(segmentation) -> int:

@@ -13,23 +13,17 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
-from nnunet_helpers import (nnunet_env, plan_and_preprocess_cpu_demo, predict_held_out, run, train,
-                            write_tiny_phantom_dataset)
+from nnunet_helpers import CPU_DEMO_PLANS as PLANS
+from nnunet_helpers import predict_held_out, run, tiny_trained_workspace
 
 DATASET_ID = 911
-PLANS = "nnUNetPlans_CPUDemo"
 TRAINER = "nnUNetTrainerSTDNet_tiny"
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
-    env = nnunet_env(root)
-    dataset = write_tiny_phantom_dataset(root, DATASET_ID, "STDNetE2E", n_train=6, n_test=2, seed=3)
-    plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
-    log = train(DATASET_ID, 0, TRAINER, PLANS, env, root)
-    model = root / "res" / dataset.name / f"{TRAINER}__{PLANS}__3d_fullres"
-    return {"root": root, "env": env, "dataset": dataset, "model": model, "train_log": log}
+    return tiny_trained_workspace(tmp_path_factory.mktemp("nnunet"), DATASET_ID, "STDNetE2E", TRAINER,
+                                  n_train=6, n_test=2, seed=3)
 
 
 def test_training_writes_checkpoint_validation_and_case_jsons(workspace):
