@@ -49,10 +49,11 @@ def write_tiny_phantom_dataset(root: Path, dataset_id: int, name: str, n_train: 
 
 
 def tiny_trained_workspace(root: Path, dataset_id: int, name: str, trainer: str, n_train: int, n_test: int,
-                           seed: int, dataset_json_update: dict = None) -> dict:
-    """The end-to-end tests' workspace: tiny phantom cases (dataset.json updated with ``dataset_json_update``),
-    nnU-Net's planning and the CPU-demo plans, fold 0 of ``trainer`` trained on the CPU. Returns root, env,
-    dataset (its raw folder), model (the results folder) and train_log."""
+                           seed: int, dataset_json_update: dict = None, edit_raw=None) -> dict:
+    """The end-to-end tests' workspace: tiny phantom cases (dataset.json updated with ``dataset_json_update``,
+    then ``edit_raw(raw dataset folder)`` if given), nnU-Net's planning and the CPU-demo plans, fold 0 of
+    ``trainer`` trained on the CPU. Returns root, env, dataset (its raw folder), model (the results folder) and
+    train_log."""
     import json
 
     env = nnunet_env(root)
@@ -61,6 +62,8 @@ def tiny_trained_workspace(root: Path, dataset_id: int, name: str, trainer: str,
         dataset_json = json.loads((dataset / "dataset.json").read_text())
         dataset_json.update(dataset_json_update)
         (dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    if edit_raw is not None:
+        edit_raw(dataset)
     plan_and_preprocess_cpu_demo(dataset_id, env, root)
     log = train(dataset_id, 0, trainer, CPU_DEMO_PLANS, env, root)
     model = root / "res" / dataset.name / f"{trainer}__{CPU_DEMO_PLANS}__3d_fullres"

@@ -295,3 +295,15 @@ def test_report_statistics_match_scipy_and_are_reproducible():
     assert lo < values.mean() < hi and 3 < (hi - lo) / (values.std() / np.sqrt(30)) < 5
     d = report.describe([0.5, float("nan"), 0.7, ""])
     assert d["n"] == 2 and d["n_undefined"] == 1 and d["mean"] == pytest.approx(0.6)
+
+
+def test_the_tumor_label_for_lesion_metrics_goes_by_the_trainers_names():
+    """MSD names the tumor "cancer": its lesions are scored too, under the same names the trainers read."""
+    from nnunet_liver_ext.evaluation.benchmark import settings_from_dataset_json
+
+    for name in ("tumor", "cancer", "lesion"):
+        settings = settings_from_dataset_json({"labels": {"background": 0, "liver": 1, name: 2}})
+        assert settings.tumor_labels == (2,) and settings.ignore_label is None
+    sparse = settings_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "ignore": 3}})
+    assert sparse.ignore_label == 3 and sparse.tumor_labels == (2,)
+    assert settings_from_dataset_json({"labels": {"background": 0, "liver": 1}}).tumor_labels is None

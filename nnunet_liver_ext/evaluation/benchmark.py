@@ -26,13 +26,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nnunet_liver_ext.dataset_json import ignore_label, named_tumor
 from nnunet_liver_ext.errors import UserError
 from nnunet_liver_ext.evaluation import lesions as lesion_metrics
 from nnunet_liver_ext.evaluation.characterization import load_case_prediction
 from nnunet_liver_ext.evaluation.metrics import Region, regions_from_labels, segmentation_metrics
 
 CACHE_FILE = ".metrics_cache.json"
-CACHE_VERSION = 1  # bump whenever a metric's computation changes
+CACHE_VERSION = 2  # bump whenever a metric's computation changes
 BASELINE_TRAINER = "nnUNetTrainer"
 
 
@@ -44,6 +45,9 @@ class EvaluationSettings:
     size_strata_mm: tuple[float, ...] = lesion_metrics.DEFAULT_SIZE_STRATA_MM
     surface_dice_tolerances_mm: tuple[float, ...] = (2.0,)
     allowed_labels: tuple[int, ...] | None = None  # values a label map may contain; None: unchecked
+    # nnU-Net's ignore label: voxels the reference leaves unannotated count for no metric (as in nnU-Net's own
+    # evaluation), so a prediction there is neither right nor wrong
+    ignore_label: int | None = None
 
     def fingerprint(self) -> str:
         blob = json.dumps([CACHE_VERSION, asdict(self)], sort_keys=True, default=str)
@@ -148,6 +152,9 @@ def compute_case(job: CaseJob, settings: EvaluationSettings) -> dict:
                                  f"labels {list(settings.allowed_labels)}")
     row: dict = dict(trainer=job.trainer, fold=job.fold if job.fold is not None else "", case=job.case,
                      spacing_zyx="x".join(f"{s:g}" for s in gt_spacing))
+    if settings.ignore_label is not None:
+        unannotated = gt == settings.ignore_label
+        pred, gt = np.where(unannotated, 0, pred), np.where(unannotated, 0, gt)
     row.update(segmentation_metrics(pred, gt, gt_spacing, settings.regions, settings.surface_dice_tolerances_mm))
     lesion_rows: list[dict] = []
     if settings.tumor_labels is not None:
@@ -201,7 +208,7 @@ def settings_from_dataset_json(dataset_json: dict, connectivity: int = lesion_me
     tumor_labels = None
     allowed = None
     if labels:
-        tumor = labels.get("tumor", labels.get("lesion"))
+        tumor = named_tumor(labels)
         if tumor is not None:
             tumor_labels = tuple(int(v) for v in (tumor if isinstance(tumor, (list, tuple)) else [tumor]))
         allowed = tuple(sorted({int(v) for val in labels.values()
@@ -212,7 +219,7 @@ def settings_from_dataset_json(dataset_json: dict, connectivity: int = lesion_me
     return EvaluationSettings(regions=tuple(regions), tumor_labels=tumor_labels, connectivity=int(connectivity),
                               size_strata_mm=tuple(float(s) for s in size_strata_mm),
                               surface_dice_tolerances_mm=tuple(float(t) for t in surface_dice_tolerances_mm),
-                              allowed_labels=allowed)
+                              allowed_labels=allowed, ignore_label=ignore_label(labels))
 
 
 def _truth_for(case: str, dataset_json: dict) -> CaseTruth:

@@ -50,6 +50,8 @@ import numpy as np
 from scipy.ndimage import binary_erosion, generate_binary_structure
 from scipy.spatial import cKDTree
 
+from nnunet_liver_ext.dataset_json import IGNORE_NAME
+
 NAN = float("nan")
 
 STATUS_BOTH_PRESENT = "both_present"
@@ -98,7 +100,8 @@ def regions_from_labels(labels: Mapping[str, int | Sequence[int]] | None) -> tup
 
     With the LiTS schema (liver=1, tumor=2) both liver definitions and the tumor are
     returned. Any other schema gets one region per foreground entry (nnU-Net region entries,
-    given as lists of label values, become unions).
+    given as lists of label values, become unions). nnU-Net's ignore label is no region: its
+    voxels are left out of every metric (``benchmark.compute_case``).
     """
     if labels is None:
         return DEFAULT_REGIONS
@@ -108,6 +111,8 @@ def regions_from_labels(labels: Mapping[str, int | Sequence[int]] | None) -> tup
         return DEFAULT_REGIONS
     regions = []
     for name, value in labels.items():
+        if name == IGNORE_NAME:
+            continue
         values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
         if values == (0,):
             continue

@@ -10,6 +10,8 @@ Ablations of the paper's Tables 2-3, each selectable with ``-tr``: ``_plainMSA``
 ``_concatFusion`` / ``_sumFusion`` (FM-M replaced by concatenation / a weighted sum), ``_noRM``.
 """
 import torch
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceLoss
 
 from nnunet_liver_ext.networks.dyntransnet import DynTransNet
@@ -128,6 +130,13 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
     def _build_loss(self):
         # Dice only: nnU-Net's own Dice-loss trainer's loss (soft Dice, its deep supervision weights)
         loss = nnUNetTrainerDiceLoss._build_loss(self)
+        if self.label_manager.has_ignore_label:
+            # that trainer reads nnU-Net's ignore label as a class (an index error with labels, a Dice over the
+            # ignore channel as a third region with regions); nnU-Net's compound losses mask it instead
+            if self.enable_deep_supervision:
+                loss.loss = self._dice_loss_masking_the_ignore_label()
+            else:
+                loss = self._dice_loss_masking_the_ignore_label()
         if self.enable_deep_supervision and self.is_ddp and not self._do_i_compile():
             # that trainer gives the coarsest output weight 0 even under DDP, so its parameters get no gradient
             # and DDP fails on the second step; nnUNetTrainer._build_loss keeps 1e-6 there for this reason
@@ -135,6 +144,17 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
             weights[-1] = 1e-6
             loss.weight_factors = tuple(w / sum(weights) for w in weights)
         return loss
+
+    def _dice_loss_masking_the_ignore_label(self):
+        """nnUNetTrainerDiceLoss's soft Dice (same arguments) inside nnU-Net's compound loss, which leaves the
+        voxels under the ignore label out, with the cross-entropy term weighted 0."""
+        dice_kwargs = {"batch_dice": self.configuration_manager.batch_dice, "do_bg": self.label_manager.has_regions,
+                       "smooth": 1e-5, "ddp": self.is_ddp}
+        if self.label_manager.has_regions:
+            return DC_and_BCE_loss({}, dice_kwargs, weight_ce=0, use_ignore_label=True,
+                                   dice_class=MemoryEfficientSoftDiceLoss)
+        return DC_and_CE_loss(dice_kwargs, {}, weight_ce=0, ignore_label=self.label_manager.ignore_label,
+                              dice_class=MemoryEfficientSoftDiceLoss)
 
 
 class _ConstantLR:

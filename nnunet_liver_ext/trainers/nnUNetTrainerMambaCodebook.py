@@ -27,11 +27,12 @@ from typing import Dict, List
 
 import torch
 
+from nnunet_liver_ext.dataset_json import TUMOR_NAMES, named_tumor
 from nnunet_liver_ext.losses.inclusion import inclusion_loss
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.networks.mamba_codebook import MambaCodebookUNet
 from nnunet_liver_ext.networks.ssd import Mamba2SSD, describe_backend
-from nnunet_liver_ext.training.multitask_trainer import TUMOR_NAMES, LiverMultiTaskTrainer, region_key
+from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer, region_key
 from nnunet_liver_ext.training.schedules import register_schedule_variants
 
 #: the paper's widths (4 levels; ~1.24 M parameters with nnU-Net's 2 convolutions per stage)
@@ -80,7 +81,7 @@ class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
         regions, a liver region that contains the tumor region (``"liver": [1, 2], "tumor": 2``)."""
         labels = dataset_json["labels"]
         liver = labels.get("liver")
-        tumor = next((labels[n] for n in TUMOR_NAMES if n in labels), None)
+        tumor = named_tumor(labels)
         if liver is None or tumor is None:
             return None
         if label_manager.has_regions:

@@ -34,6 +34,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 
+from nnunet_liver_ext.dataset_json import IGNORE_NAME, TUMOR_NAMES, named_tumor
 from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.training.augmentation import synchronize_phase_intensity
@@ -50,13 +51,11 @@ from nnunet_liver_ext.training.resume import (RESUME_STATE_KEY, capture_random_s
 install_pretrained_weights_loader()
 
 
-TUMOR_NAMES = ("tumor", "cancer", "lesion")
-
-
 def tumor_label_value(dataset_json: dict) -> int:
     """The label value of the tumor class: ``labels["tumor"]`` (or MSD's "cancer"), else the
-    highest foreground label. In a region-based dataset (``regions_class_order``), the label value
-    nnU-Net writes the tumor region as."""
+    highest foreground label (never nnU-Net's ignore label, ``labels["ignore"]``, which is the highest
+    value but no class). In a region-based dataset (``regions_class_order``), the label value nnU-Net
+    writes the tumor region as."""
     labels = dataset_json["labels"]
     for name in TUMOR_NAMES:
         if name in labels and isinstance(labels[name], int):
@@ -67,7 +66,7 @@ def tumor_label_value(dataset_json: dict) -> int:
         label_manager = LabelManager(labels, dataset_json["regions_class_order"])
         index = tumor_region_index(label_manager, labels)
         return max(label_manager.regions_class_order) if index is None else label_manager.regions_class_order[index]
-    values = [v for v in labels.values() if isinstance(v, int)]
+    values = [v for name, v in labels.items() if isinstance(v, int) and name != IGNORE_NAME]
     return max(values)
 
 
@@ -81,7 +80,7 @@ def tumor_region_index(label_manager, labels: dict) -> Optional[int]:
     ``labels["tumor"]`` (or "cancer", "lesion"), else the region that is the highest label of
     ``regions_class_order`` alone; None when there is no such region."""
     regions = [region_key(r) for r in label_manager.foreground_regions]
-    named = next((labels[n] for n in TUMOR_NAMES if n in labels), None)
+    named = named_tumor(labels)
     wanted = region_key(named) if named is not None else (max(label_manager.regions_class_order),)
     return regions.index(wanted) if wanted in regions else None
 

@@ -1,0 +1,25 @@
+"""The dataset.json conventions this package reads (label names), shared by training, inference and evaluation."""
+from typing import Mapping, Optional, Sequence, Union
+
+#: the tumor class, first match wins (LiTS "tumor", MSD Task03 "cancer")
+TUMOR_NAMES = ("tumor", "cancer", "lesion")
+
+#: nnU-Net's ignore label (sparse annotation): voxels not annotated, left out of its loss and its metrics;
+#: no class and no network output, and by nnU-Net's rule the highest label value
+IGNORE_NAME = "ignore"
+
+
+def named_tumor(labels: Mapping) -> Optional[Union[int, Sequence[int]]]:
+    """The value under the first of ``TUMOR_NAMES`` in dataset.json's ``labels`` (a label value, or a region's
+    list of values), or None."""
+    return next((labels[name] for name in TUMOR_NAMES if name in labels), None)
+
+
+def ignore_label(labels: Optional[Mapping]) -> Optional[int]:
+    """nnU-Net's ignore label of dataset.json's ``labels``, or None."""
+    value = (labels or {}).get(IGNORE_NAME)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"dataset.json labels: {IGNORE_NAME!r} must be one integer label value (nnU-Net's ignore "
+                         f"label), got {value!r}")
+    return value
+
