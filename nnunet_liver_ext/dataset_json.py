@@ -1,4 +1,5 @@
-"""The dataset.json conventions this package reads (label names), shared by training, inference and evaluation."""
+"""The dataset.json conventions this package reads (label names, phases), shared by training, inference and
+evaluation."""
 from typing import Mapping, Optional, Sequence, Union
 
 #: the tumor class, first match wins (LiTS "tumor", MSD Task03 "cancer")
@@ -23,3 +24,13 @@ def ignore_label(labels: Optional[Mapping]) -> Optional[int]:
                          f"label), got {value!r}")
     return value
 
+
+def channels_per_phase(phases: Sequence[str], num_image_channels: int) -> int:
+    """Image channels per phase: dataset.json's ``phases`` name the phases in channel order, each phase one block
+    of consecutive channels (``channel_names``), one channel per phase in the converters' datasets."""
+    if not phases:
+        raise ValueError("dataset.json 'phases' is empty")
+    if num_image_channels < len(phases) or num_image_channels % len(phases):
+        raise ValueError(f"{num_image_channels} image channels cannot be split into the {len(phases)} phases "
+                         f"{list(phases)} of dataset.json (each phase takes the same number of consecutive channels)")
+    return num_image_channels // len(phases)

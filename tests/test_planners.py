@@ -11,7 +11,7 @@
   networks whose estimate is larger than the U-Net's get smaller patches than stock nnU-Net;
 - a configuration a network cannot take is refused at planning time with a UserError naming the
   constraint and the patch size (DynTransNet with fewer than two stages, a Mamba2 head size that
-  does not divide the block's width).
+  does not divide the block's width, channels that do not split evenly into the phases).
 """
 import copy
 import functools
@@ -201,3 +201,16 @@ def test_mamba_head_size_that_does_not_divide_the_width_is_refused(phantom):
         _plan(phantom, functools.partial(PRESETS["mamba-codebook"], trainer=variant), 8, "nnUNetPlans_refused")
     message = str(refused.value)
     assert "must be divisible by headdim (64)" in message and "at patch size [" in message, message
+
+
+@pytest.mark.parametrize("preset", ["stdnet", "mti-net"])
+def test_channels_that_do_not_split_into_the_phases_are_refused_when_the_network_is_built(preset):
+    """What the planners build at every patch they try: 3 channels named as 2 phases stop the build with the
+    reason (4 channels would be 2 phases of 2 channels, tests/test_channels_per_phase.py)."""
+    dataset_json = dict(unit_dataset_json(3), phases=["arterial", "portal_venous"],
+                        enhancement={"a": [100.0, 150.0], "b": [90.0, 90.0]})
+    with pytest.raises(ValueError, match=r"3 image channels cannot be split into the 2 phases"):
+        build_network(trainer_of(preset), dataset_json, configuration((16, 32, 32)), 3, 3, "meta")
+    two_by_two = dict(dataset_json, channel_names={str(i): "MR" for i in range(4)})
+    network = build_network(trainer_of(preset), two_by_two, configuration((16, 32, 32)), 4, 3, "meta")
+    assert (network.num_phases, network.channels_per_phase) == (2, 2)

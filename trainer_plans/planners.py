@@ -207,14 +207,6 @@ class nnUNetPlannerSTDNet(NetworkPlanner):
     trainer_name = "nnUNetTrainerSTDNet"
     plans_suffix = "STDNet"
 
-    def check_constraints(self, network, patch_size: Sequence[int]) -> None:
-        phases = self.dataset_json.get("phases")
-        if phases and network.fusion == "decoupled" and len(phases) != network.num_phases:
-            # STD-Net's temporal tokens are the channels (one per phase): a dataset with several channels per
-            # phase would give it a time axis that is not the dataset's
-            raise ValueError(f"STD-Net's temporal Transformer takes one token per input channel ({network.num_phases} "
-                             f"channels), but dataset.json names {len(phases)} phases {list(phases)}")
-
 
 class nnUNetPlannerDynTransNet(NetworkPlanner):
     """DynTransNet: patch embedding and merging need a patch that tokenises (a multiple of the total stride per

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nnunet_liver_ext.dataset_json import channels_per_phase
+
 CHANNEL_DIGITS = 4  # nnU-Net's channel suffix: CASE_0000, CASE_0001, ...
 REGISTRATION_FIX = ("resample every phase onto the reference phase's grid (rigid registration, as the training "
                     "data were; `nnunet-liver convert` does it for the public datasets)")
@@ -89,8 +91,13 @@ def channel_count(dataset_json: dict) -> int:
 def channel_label(dataset_json: dict, k: int) -> str:
     """How the model calls channel k: the phase name when dataset.json has ``phases``, else the channel name."""
     phases = dataset_json.get("phases")
-    if phases and k < len(phases):
-        return f"channel {k}, phase '{phases[k]}'"
+    if phases:
+        try:
+            per_phase = channels_per_phase(phases, channel_count(dataset_json))
+        except ValueError:
+            per_phase = None  # the model's own check reports this
+        if per_phase is not None and k < len(phases) * per_phase:
+            return f"channel {k}, phase '{phases[k // per_phase]}'"
     names = dataset_json.get("channel_names", dataset_json.get("modality")) or {}
     name = names.get(str(k)) if isinstance(names, dict) else None
     return f"channel {k}, '{name}'" if name else f"channel {k}"

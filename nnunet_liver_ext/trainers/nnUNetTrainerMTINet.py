@@ -59,6 +59,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
     adaptive_module_prefixes = ("token_pools.", "transformer.", "curve_head.", "cls_head.")
     network_takes_lesion_channel = True
     network_takes_previous_stage_channels = True
+    network_takes_channels_per_phase = True
     #: built where the dataset has their targets (the shared trainer's plans block); the TDD needs both
     case_heads = ("cls", "curve")
     dataset_keys_required = ("characterization", "enhancement")
@@ -73,14 +74,7 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         heads = plans_block.get("case_heads", [])
         curve = "curve" in heads and bool(plans_block.get("enhancement_stats"))
         classes = "cls" in heads and bool(plans_block.get("case_classes"))
-        kwargs = {"curve_head": curve, "discriminator": curve and classes and cls.loss_weights.get("adv", 0) > 0}
-        phases = plans_block.get("phases")
-        if phases:
-            if num_image_channels % len(phases):
-                raise ValueError(f"{num_image_channels} image channels cannot be split into the {len(phases)} "
-                                 f"phases {phases} of dataset.json")
-            kwargs["channels_per_phase"] = num_image_channels // len(phases)
-        return kwargs
+        return {"curve_head": curve, "discriminator": curve and classes and cls.loss_weights.get("adv", 0) > 0}
 
     # ------------------------------------------------------------------ optimisers
     def generator_optimizers(self, sgd_params: list, adaptive_params: list) -> List[torch.optim.Optimizer]:

@@ -29,6 +29,7 @@ class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
     adaptive_module_prefixes = ("temporal.", "case_pool.", "cls_head.")
     network_takes_lesion_channel = True
     network_takes_previous_stage_channels = True
+    network_takes_channels_per_phase = True
     #: decode from this phase alone (the paper's choice) instead of fusing the phases
     reference_phase_name = None
 

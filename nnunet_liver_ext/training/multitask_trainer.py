@@ -34,7 +34,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 
-from nnunet_liver_ext.dataset_json import IGNORE_NAME, TUMOR_NAMES, named_tumor
+from nnunet_liver_ext.dataset_json import IGNORE_NAME, TUMOR_NAMES, channels_per_phase, named_tumor
 from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.training.augmentation import synchronize_phase_intensity
@@ -144,6 +144,9 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     #: input's last channels are the previous stage's one-hot segmentation, which a network that reads the
     #: channels as phases must not take for phases. Networks without it read them as more input channels.
     network_takes_previous_stage_channels: bool = False
+    #: the network's constructor takes ``channels_per_phase``: set from dataset.json's ``phases`` (image channels
+    #: / phases), so that a dataset with several channels per phase is not read as that many more phases
+    network_takes_channels_per_phase: bool = False
     #: gradient clipping norm of the update (nnU-Net's 12; transformers train with smaller ones)
     grad_clip_norm: float = 12.0
     #: dataset.json keys the method reads when they are there
@@ -243,7 +246,10 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         previous_stage_channels = cascade_input_channels(configuration_manager, num_input_channels)
         if cls.network_takes_previous_stage_channels and previous_stage_channels:
             kwargs["previous_stage_channels"] = previous_stage_channels
-        kwargs.update(cls.method_network_kwargs(block, num_input_channels - previous_stage_channels))
+        num_image_channels = num_input_channels - previous_stage_channels
+        if cls.network_takes_channels_per_phase and block.get("phases"):
+            kwargs["channels_per_phase"] = channels_per_phase(block["phases"], num_image_channels)
+        kwargs.update(cls.method_network_kwargs(block, num_image_channels))
         # plans written before "case_heads" existed had a class head exactly when they had classes
         has_cls_head = "cls" in block.get("case_heads", ["cls"])
         num_case_classes = len(block.get("case_classes") or []) if has_cls_head else 0
