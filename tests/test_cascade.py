@@ -154,3 +154,54 @@ def test_a_trainer_of_a_network_without_phases_passes_every_channel_on(nnunet_fo
     assert first_conv.in_channels == len(PHASES) + FOREGROUND_LABELS
     with open(trainer.log_file) as f:
         assert "(2 one-hot channels after the images) is more input channels of the network" in f.read()
+
+
+@pytest.mark.parametrize("name", catalogue_trainers())
+def test_pretrained_weights_into_a_cascade_stage_leave_the_previous_stage_channels_at_zero(
+        nnunet_folders, tmp_path, name):  # noqa: F811
+    """``nnUNetv2_train DATASET 3d_cascade_fullres FOLD -tr NAME -pretrained_weights`` with the same trainer's
+    3d_fullres model: every encoder's first convolution takes the source's kernel for its image channels and
+    zeros for the previous stage's segmentation, so the stage starts answering as the source did. Before, a
+    one-channel-per-phase source was tiled over the image and the two segmentation channels as if they were
+    three phases (STD-Net, MTI-Net), or the first layer was skipped (Mamba-codebook)."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    from nnunet_liver_ext.networks.transfer import first_layer_keys
+
+    source_trainer = make_trainer(name)
+    if not hasattr(source_trainer.network, "load_pretrained_state"):
+        pytest.skip(f"{name}'s network takes nnU-Net's loader, which wants the same shapes (nnU-Net's rule)")
+    with torch.no_grad():
+        for p in source_trainer.network.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    source_trainer.save_checkpoint(str(tmp_path / "fullres.pth"))
+    source = source_trainer.network.state_dict()
+
+    trainer = make_cascade_trainer(name)
+    maybe_load_checkpoint(trainer, continue_training=False, validation_only=False,
+                          pretrained_weights_file=str(tmp_path / "fullres.pth"))
+    network = trainer.network
+    first = first_layer_keys(network)
+    assert first
+    for key in first:
+        weight = network.state_dict()[key]
+        source_key = key if key in source else "encoder." + key.split(".", 2)[2]
+        images = source[source_key].shape[1]
+        assert weight.shape[1] == images + FOREGROUND_LABELS, key
+        torch.testing.assert_close(weight[:, :images], source[source_key], msg=key)
+        assert not weight[:, images:].any(), f"{key}: the previous stage's channels should start at zero"
+
+    # the encoder answers an image with any previous-stage segmentation as the source encoder answered the image
+    encoder = network.encoder if getattr(network, "encoder", None) is not None else network.encoders[0]
+    source_encoder = source_trainer.network.encoder if getattr(source_trainer.network, "encoder", None) is not None \
+        else source_trainer.network.encoders[0]
+    encoder.eval()
+    source_encoder.eval()
+    images = next(m for m in source_encoder.modules() if isinstance(m, nn.Conv3d)).in_channels
+    x = torch.randn(1, images, *PLANS["configurations"]["3d_fullres"]["patch_size"])
+    segmentation = (torch.rand(1, FOREGROUND_LABELS, *x.shape[2:]) > 0.5).float()
+    with torch.no_grad():
+        ours, theirs = encoder(torch.cat((x, segmentation), 1)), source_encoder(x)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)

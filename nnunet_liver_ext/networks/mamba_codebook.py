@@ -348,6 +348,10 @@ class MambaCodebookUNet(nn.Module):
     Args (method):
         num_case_classes: must be 0; the method segments only (the trainer writes no classes into
             the plans), and a class head it cannot train is refused rather than silently absent.
+        previous_stage_channels: the last input channels that are nnU-Net's cascade input (the previous
+            stage's one-hot segmentation; 0 outside a cascade). The network reads them as more input channels,
+            as stock nnU-Net does; ``-pretrained_weights`` from a model without them starts their first-layer
+            weights at zero (``networks.transfer``).
         stage_features: widths of the U-Net's stages instead of the plans'; fewer entries than the
             plans' stages use the plans' first stages (the paper: 4 levels, about 1.26 M parameters).
         use_mce / mce_dilation / mce_branch_channels: the multi-scale context encoder.
@@ -372,7 +376,8 @@ class MambaCodebookUNet(nn.Module):
     load_pretrained_state = load_pretrained_state
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, *,
-                 num_case_classes: int = 0, stage_features: Optional[Sequence[int]] = None, use_mce: bool = True,
+                 num_case_classes: int = 0, previous_stage_channels: int = 0,
+                 stage_features: Optional[Sequence[int]] = None, use_mce: bool = True,
                  mce_dilation: int = 2, mce_branch_channels: Optional[int] = None, use_codebook: bool = True,
                  codebook_size: int = 64, commitment_beta: float = 0.25, dead_code_restart: bool = False,
                  restart_threshold: float = 0.01, usage_decay: float = 0.99, gfr: Optional[str] = "mamba",
@@ -385,6 +390,10 @@ class MambaCodebookUNet(nn.Module):
                              f"{num_case_classes} (its trainer builds it with 0)")
         if gfr not in GFR_KINDS:
             raise ValueError(f"gfr must be one of {GFR_KINDS}, got {gfr!r}")
+        if not 0 <= previous_stage_channels < input_channels:
+            raise ValueError(f"previous_stage_channels must be in [0, input_channels={input_channels}), got "
+                             f"{previous_stage_channels}")
+        self.previous_stage_channels = previous_stage_channels
         if "n_conv_per_stage_decoder" not in arch_kwargs:
             raise ValueError("arch_kwargs need n_conv_per_stage_decoder (from the nnU-Net plans)")
         arch_kwargs = self._with_stage_features(arch_kwargs, stage_features)

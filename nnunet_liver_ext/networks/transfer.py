@@ -28,6 +28,12 @@ decoder holds the encoder again as ``decoder.encoder.*``):
    - ``C_src = r * C`` (a stock nnU-Net trained on the r phases as channels into the shared per-phase
      encoder): the sum of the kernel's r channel groups (phase-major order, nnU-Net's channel order).
    Any other difference: not transferred (shape mismatch).
+   In nnU-Net's cascade (3d_cascade_fullres) the last ``P`` input channels of every encoder's first
+   convolution are the previous stage's one-hot segmentation (the network's ``previous_stage_channels``).
+   A source without them (a 3d_fullres or 3d_lowres model) gives the image channels as above, and the
+   segmentation channels' weights start at zero, so that the stage first answers as the source did and
+   learns from the segmentation with training; they are never read as more phases. A source with them
+   (another cascade stage) is copied as it is.
 5. Everything else keeps its initialisation and is reported: ``missing in source`` (the temporal
    Transformer, phase fusion, MdIEF, ... of a single-phase source) or ``shape mismatch``.
 
@@ -137,12 +143,29 @@ def first_layer_keys(network: nn.Module) -> set:
     return {name for name, p in network.named_parameters(remove_duplicate=False) if id(p) in weights}
 
 
-def adapt_first_layer(source: torch.Tensor, shape: torch.Size) -> Optional[Tuple[torch.Tensor, str]]:
+def adapt_first_layer(source: torch.Tensor, shape: torch.Size,
+                      previous_stage_channels: int = 0) -> Optional[Tuple[torch.Tensor, str]]:
     """Rule 4 of the module docstring: a kernel ``(out, C_src, *k)`` as ``(out, C, *k)``, with the rule's
-    description; None when more than the input channels differ or neither channel count divides the other."""
+    description; None when more than the input channels differ or neither channel count divides the other.
+    With ``previous_stage_channels`` P, the last P of the C channels are a cascade's segmentation: the source
+    gives the other C - P, and the P start at zero."""
     if source.dim() != len(shape) or source.dim() < 3 or source.shape[0] != shape[0] \
             or source.shape[2:] != shape[2:]:
         return None
+    if previous_stage_channels:
+        p = previous_stage_channels
+        if shape[1] - p < 1:
+            return None
+        image_shape = torch.Size((shape[0], shape[1] - p, *shape[2:]))
+        if image_shape == source.shape:
+            image, rule = source, f"input channels {source.shape[1]} kept"
+        else:
+            adapted = adapt_first_layer(source, image_shape)
+            if adapted is None:
+                return None
+            image, rule = adapted
+        zeros = source.new_zeros(shape[0], p, *shape[2:])
+        return torch.cat((image, zeros), 1), f"{rule}; the previous stage's {p} segmentation channels start at 0"
     c_src, c = source.shape[1], shape[1]
     if c % c_src == 0:
         r = c // c_src
@@ -161,6 +184,7 @@ def plan_transfer(network: nn.Module, source_state: Mapping[str, torch.Tensor], 
     src = strip_wrapper_prefixes(source_state)
     state = network.state_dict()
     first = first_layer_keys(network)
+    previous_stage_channels = int(getattr(network, "previous_stage_channels", 0) or 0)
     report = TransferReport(source=source, network=type(network).__name__)
     used = set()
     new_state = dict(state)
@@ -185,7 +209,8 @@ def plan_transfer(network: nn.Module, source_state: Mapping[str, torch.Tensor], 
             report.loaded.append(key)
             used.add(source_key)
             continue
-        adapted = adapt_first_layer(value.to(dtype=target.dtype), target.shape) if key in first else None
+        adapted = adapt_first_layer(value.to(dtype=target.dtype), target.shape, previous_stage_channels) \
+            if key in first else None
         if adapted is not None:
             new_state[key], report.adapted[key] = adapted[0], f"from {source_key}, {adapted[1]}"
             used.add(source_key)

@@ -55,6 +55,9 @@ class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
     adaptive_module_prefixes = ("gfr.", "codebook.")
     guide_heads_with_reference_lesion = False
     dataset_keys_used = ()
+    # the network reads a cascade's segmentation as more input channels; it takes their count for the
+    # pretrained-weight transfer (networks.transfer)
+    network_takes_previous_stage_channels = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

@@ -142,7 +142,8 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
     network_takes_patch_size: bool = False
     #: the network's constructor takes ``previous_stage_channels``: in nnU-Net's cascade (3d_cascade_fullres) the
     #: input's last channels are the previous stage's one-hot segmentation, which a network that reads the
-    #: channels as phases must not take for phases. Networks without it read them as more input channels.
+    #: channels as phases must not take for phases, and the pretrained-weight transfer must not take for images.
+    #: Networks without it read them as more input channels.
     network_takes_previous_stage_channels: bool = False
     #: the network's constructor takes ``channels_per_phase``: set from dataset.json's ``phases`` (image channels
     #: / phases), so that a dataset with several channels per phase is not read as that many more phases
@@ -186,7 +187,8 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             self.print_to_log_file("dataset.json has no 'phases' key: the input channels are read as phases in "
                                    "channel order.")
         if self.is_cascaded:
-            read_as = "encoded together with every phase image" if self.network_takes_previous_stage_channels \
+            # the networks that read phases encode it with every phase image; the others read it as stock nnU-Net
+            read_as = "encoded together with every phase image" if self.network_takes_channels_per_phase \
                 else "more input channels of the network"
             self.print_to_log_file(f"Cascade: the {self.configuration_manager.previous_stage_name} stage's "
                                    f"segmentation ({len(self.label_manager.foreground_labels)} one-hot channels "
