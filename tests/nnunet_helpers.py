@@ -34,10 +34,11 @@ def plan_and_preprocess_cpu_demo(dataset_id: int, env, cwd) -> None:
     run(["nnunet-liver", "plan", "-d", str(dataset_id), "--preset", "cpu-demo", "--preprocess", "-np", "1"], env, cwd)
 
 
-def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd, configuration: str = "3d_fullres") -> str:
+def train(dataset_id: int, fold, trainer: str, plans: str, env, cwd, configuration: str = "3d_fullres",
+          extra=()) -> str:
     # nnUNet_n_proc_DA=0: in-process data loading (the planner needs >= 1, training does not)
     return run(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
-                "-device", "cpu"], env, cwd, nnUNet_n_proc_DA="0")
+                "-device", "cpu", *extra], env, cwd, nnUNet_n_proc_DA="0")
 
 
 def write_tiny_phantom_dataset(root: Path, dataset_id: int, name: str, n_train: int, n_test: int, seed: int) -> Path:

@@ -1,6 +1,7 @@
 """The benchmark end to end on a real five-fold run: stock nnU-Net and STD-Net trained with
 ``nnUNetv2_train`` (tiny schedule, CPU) on phantom cases, then ``nnunet-liver benchmark``; and nnU-Net's own
-``nnUNetv2_find_best_configuration`` on STD-Net's folds, with the inference commands it writes."""
+``nnUNetv2_find_best_configuration`` on STD-Net's folds and on both trainers (their ensemble scored too), with the
+inference commands it writes."""
 import csv
 import json
 
@@ -24,8 +25,8 @@ def five_folds(tmp_path_factory):
     dataset = write_tiny_phantom_dataset(root, DATASET_ID, "FiveFold", n_train=10, n_test=2, seed=5)
     plan_and_preprocess_cpu_demo(DATASET_ID, env, root)
     for trainer in (BASELINE, METHOD):
-        for fold in range(5):
-            train(DATASET_ID, fold, trainer, PLANS, env, root)
+        for fold in range(5):  # --npz: the validation probabilities nnU-Net's ensembling needs
+            train(DATASET_ID, fold, trainer, PLANS, env, root, extra=["--npz"])
     return {"root": root, "env": env, "dataset": dataset}
 
 
@@ -67,23 +68,54 @@ def test_find_best_configuration_and_the_inference_it_writes(five_folds):
     root, env, dataset = five_folds["root"], five_folds["env"], five_folds["dataset"]
     run(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS, "-tr", METHOD,
          "-f", "0", "1", "2", "3", "4", "-np", "1"], env, root)
+    commands = _run_inference_instructions(five_folds, "best")
+    assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_apply_postprocessing"], commands
+    assert METHOD in commands[0] and PLANS in commands[0], commands
+
+
+def test_find_best_configuration_ensembles_the_method_with_stock_nnunet(five_folds):
+    """nnU-Net's model selection over two trainers: each alone and their ensemble (the averaged validation
+    probabilities of --npz) are scored on the five folds, and whichever wins, the commands it writes run as a
+    user copies them (for an ensemble: both predictions with probabilities, nnUNetv2_ensemble, postprocessing)."""
+    root, env, dataset = five_folds["root"], five_folds["env"], five_folds["dataset"]
+    run(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "3d_fullres", "-p", PLANS, "-tr", BASELINE,
+         METHOD, "-f", "0", "1", "2", "3", "4", "-np", "1"], env, root)
     results = root / "res" / dataset.name
-    instructions = (results / "inference_instructions.txt").read_text()
+    scored = json.loads((results / "inference_information.json").read_text())["all_results"]
+    ensembles = [key for key in scored if key.startswith("ensemble___")]
+    assert len(scored) == 3 and len(ensembles) == 1, scored
+    assert BASELINE in ensembles[0] and METHOD in ensembles[0]
+    assert (results / "ensembles" / ensembles[0] / "summary.json").is_file()
+    commands = _run_inference_instructions(five_folds, "ensemble_or_best")
+    assert commands[-1][0] == "nnUNetv2_apply_postprocessing", commands
+    if len([c for c in commands if c[0] == "nnUNetv2_predict"]) == 2:
+        assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_predict", "nnUNetv2_ensemble",
+                                            "nnUNetv2_apply_postprocessing"], commands
+
+
+def _run_inference_instructions(five_folds, name: str) -> list:
+    """The commands of nnU-Net's inference_instructions.txt, run on the test images into root/NAME (and NAME_pp,
+    NAME_model_1, ...) on the CPU; every output segmentation is checked against its image. Returns them."""
+    root, env, dataset = five_folds["root"], five_folds["env"], five_folds["dataset"]
+    instructions = (root / "res" / dataset.name / "inference_instructions.txt").read_text()
     commands = [line.split() for line in instructions.splitlines() if line.startswith("nnUNetv2_")]
-    assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_apply_postprocessing"], instructions
-    assert METHOD in commands[0] and PLANS in commands[0], instructions
-    folders = {"INPUT_FOLDER": str(dataset / "imagesTs"), "OUTPUT_FOLDER": str(root / "best"),
-               "OUTPUT_FOLDER_PP": str(root / "best_pp")}
-    predict, postprocess = ([folders.get(arg, arg) for arg in command] for command in commands)
-    run([*predict, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env, root)
-    postprocess[postprocess.index("-np") + 1] = "1"
-    run(postprocess, env, root)
+    folders = {"INPUT_FOLDER": str(dataset / "imagesTs"), "OUTPUT_FOLDER": str(root / name),
+               "OUTPUT_FOLDER_PP": str(root / f"{name}_pp"),
+               **{f"OUTPUT_FOLDER_MODEL_{k}": str(root / f"{name}_model_{k}") for k in (1, 2)}}
+    for command in commands:
+        command = [folders.get(arg, arg) for arg in command]
+        if "-np" in command:
+            command[command.index("-np") + 1] = "1"
+        if command[0] == "nnUNetv2_predict":
+            command += ["-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+        run(command, env, root)
     images = sorted((dataset / "imagesTs").glob("*_0000.nii.gz"))
     assert len(images) == 2
     for image in images:
         case = image.name[:-len("_0000.nii.gz")]
-        for folder in ("best", "best_pp"):
+        for folder in (name, f"{name}_pp"):
             assert_same_geometry(root / folder / f"{case}.nii.gz", image)
+    return commands
 
 
 def test_a_trained_method_travels_as_an_nnunet_model_zip(five_folds, tmp_path):
