@@ -70,7 +70,9 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
 
 def _previous_stage(plans_file, configuration: str):
     """The ``previous_stage`` of ``configuration`` in a model's plans.json (following ``inherits_from`` as
-    nnU-Net does), or None; an unreadable plans.json is left to nnU-Net to report."""
+    nnU-Net does), or None; an unreadable plans.json is left to nnU-Net to report. Read from the JSON rather
+    than through nnU-Net's PlansManager, whose import loads torch (about 2.5 s): ``_check_model`` reports a
+    mistake before that."""
     import json
 
     try:

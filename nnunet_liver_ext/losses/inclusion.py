@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunet_liver_ext.networks.blocks import autocast_off
+from nnunet_liver_ext.networks.blocks import LESION_ACTIVATIONS, autocast_off
 
 
 def eroded_region_probability(probability: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
@@ -53,8 +53,8 @@ def inclusion_loss(seg_logits: torch.Tensor, liver_channel: int, tumor_channel: 
     """
     if liver_channel == tumor_channel:
         raise ValueError("liver and tumor must be different output channels")
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+    if activation not in LESION_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {LESION_ACTIVATIONS}, got {activation!r}")
     with autocast_off(seg_logits.device.type):
         logits = seg_logits.float()
         if activation == "sigmoid":

@@ -133,10 +133,11 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
         if self.label_manager.has_ignore_label:
             # that trainer reads nnU-Net's ignore label as a class (an index error with labels, a Dice over the
             # ignore channel as a third region with regions); nnU-Net's compound losses mask it instead
+            masked = self._dice_loss_masking_the_ignore_label()
             if self.enable_deep_supervision:
-                loss.loss = self._dice_loss_masking_the_ignore_label()
+                loss.loss = masked
             else:
-                loss = self._dice_loss_masking_the_ignore_label()
+                loss = masked
         if self.enable_deep_supervision and self.is_ddp and not self._do_i_compile():
             # that trainer gives the coarsest output weight 0 even under DDP, so its parameters get no gradient
             # and DDP fails on the second step; nnUNetTrainer._build_loss keeps 1e-6 there for this reason
