@@ -155,3 +155,13 @@ def test_evaluation_leaves_unannotated_voxels_out_as_nnunet_does(tmp_path):
     assert float(row["tumor_dice"]) == pytest.approx(theirs[2]["Dice"]) == pytest.approx(1.0)
     assert (row["lesion_tp"], row["lesion_fp"], row["lesion_fn"]) == ("1", "0", "0")
     assert float(row["liver_region_dice"]) < 1.0  # the annotated miss still counts
+
+    # surfaces: where the annotation stops (z = 10) is no surface of either mask
+    from nnunet_liver_ext.evaluation.metrics import surface_metrics
+
+    unannotated, liver = ref == IGNORE, (1, 2)
+    observable = surface_metrics(np.isin(pred, liver), np.isin(ref, liver), (2.0, 0.8, 0.8), (2.0,), unannotated)
+    cut = surface_metrics(np.isin(pred, liver) & ~unannotated, np.isin(ref, liver), (2.0, 0.8, 0.8), (2.0,))
+    for metric in ("assd_mm", "hd95_mm", "nsd_2mm"):
+        assert float(row[f"liver_region_{metric}"]) == pytest.approx(observable[metric])
+    assert observable["nsd_2mm"] < cut["nsd_2mm"]

@@ -193,6 +193,97 @@ def test_bad_arguments_are_rejected():
         metrics.surface_metrics(a, a, (1.0, 0.0, 1.0))
 
 
+
+# --- unannotated voxels (nnU-Net's ignore label) -------------------------------------------
+
+def _brute_force_boundary(mask, unannotated):
+    """A voxel of the mask is boundary when a face neighbour is outside the array or annotated background."""
+    padded = np.pad(mask | unannotated, 1, constant_values=False)
+    inner = tuple(slice(1, -1) for _ in mask.shape)
+    interior = np.ones_like(mask)
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            interior &= np.roll(padded, step, axis)[inner]
+    return mask & ~interior
+
+
+def _brute_force_surface_metrics(pred, ref, spacing, unannotated, tolerance):
+    from scipy.spatial.distance import cdist
+
+    scale = np.asarray(spacing)
+    p = np.argwhere(_brute_force_boundary(pred & ~unannotated, unannotated)) * scale
+    r = np.argwhere(_brute_force_boundary(ref & ~unannotated, unannotated)) * scale
+    d = cdist(p, r)
+    d_pr, d_rp = d.min(1), d.min(0)
+    pooled = np.concatenate([d_pr, d_rp])
+    return dict(assd_mm=pooled.mean(), hd95_mm=max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)),
+                nsd=np.mean(pooled <= tolerance + 1e-6))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_observable_surfaces_match_a_brute_force_neighbour_count(seed):
+    """With unannotated voxels, a boundary voxel is one next to annotated background or the array edge, and the
+    distances between those boundaries are the brute-force nearest neighbours."""
+    rng = np.random.default_rng(seed)
+    shape = (9, 12, 11)
+    unannotated = np.zeros(shape, bool)
+    unannotated[6:] = True                      # the top slices...
+    unannotated[:, :, :2] = rng.random((9, 12, 2)) < 0.5  # ...and a ragged margin
+    ref, pred = _ellipsoid(shape, (5, 6, 5), (8, 10, 9), ANISO), _ellipsoid(shape, (4, 6, 6), (7, 9, 8), ANISO)
+    ref ^= rng.random(shape) < 0.05
+    pred ^= rng.random(shape) < 0.05
+    for mask in (pred, ref):
+        assert np.array_equal(metrics.boundary(mask & ~unannotated, unannotated),
+                              _brute_force_boundary(mask & ~unannotated, unannotated))
+    ours = metrics.surface_metrics(pred, ref, ANISO, (1.0,), unannotated=unannotated)
+    expected = _brute_force_surface_metrics(pred, ref, ANISO, unannotated, 1.0)
+    assert ours["assd_mm"] == pytest.approx(expected["assd_mm"])
+    assert ours["hd95_mm"] == pytest.approx(expected["hd95_mm"])
+    assert ours[metrics.nsd_key(1.0)] == pytest.approx(expected["nsd"])
+
+
+def test_where_the_annotation_stops_is_no_surface():
+    """Both masks cut by an unannotated slab: the cut is no surface on which they agree. A prediction one voxel
+    too thin everywhere it is observable has surface Dice 0 at tolerance 0, not the share of the cut face."""
+    shape = (20, 20, 20)
+    unannotated = np.zeros(shape, bool)
+    unannotated[10:] = True
+    ref = np.zeros(shape, bool)
+    ref[1:, 5:15, 5:15] = True  # a column through the cut
+    pred = np.zeros(shape, bool)
+    pred[2:, 6:14, 6:14] = True  # one voxel inside ref on every observable side
+    spacing = (1.0, 1.0, 1.0)
+    ours = metrics.surface_metrics(pred, ref, spacing, (0.0,), unannotated=unannotated)
+    assert ours[metrics.nsd_key(0.0)] == 0.0
+    assert ours["assd_mm"] >= 1.0 and ours["hd95_mm"] <= math.sqrt(2) + 1e-9  # one voxel in, or its diagonal
+    # zeroing the unannotated voxels alone makes the cut (z = 9) a shared surface
+    cut = metrics.surface_metrics(pred & ~unannotated, ref & ~unannotated, spacing, (0.0,))
+    assert cut[metrics.nsd_key(0.0)] > 0.1  # the 2 x 64 voxels of the cut face where pred meets ref
+    # the unannotated voxels' content changes nothing, and no unannotated voxel is counted
+    region = metrics.region_metrics(pred | unannotated, ref, spacing, (0.0,), unannotated=unannotated)
+    assert region[metrics.nsd_key(0.0)] == 0.0 and region["pred_volume_ml"] == pytest.approx(8 * 64 / 1000)
+    assert region["dice"] == pytest.approx(2 * 8 * 64 / (8 * 64 + 9 * 100))  # slices z 2-9 and 1-9
+    # no unannotated voxel at all: the plain definitions
+    assert metrics.surface_metrics(pred, ref, spacing, (0.0,), unannotated=np.zeros(shape, bool)) == \
+        metrics.surface_metrics(pred, ref, spacing, (0.0,))
+
+
+def test_a_mask_without_an_observable_surface_has_no_distances():
+    """An annotated pocket inside unannotated voxels that the reference fills has no observable surface: the
+    distances are NaN; surface Dice is 0 when the prediction has one there, NaN when neither has."""
+    shape = (12, 12, 12)
+    unannotated = np.ones(shape, bool)
+    unannotated[4:8, 4:8, 4:8] = False
+    ref = ~unannotated
+    both = metrics.surface_metrics(ref, ref, (1.0, 1.0, 1.0), (1.0,), unannotated=unannotated)
+    assert math.isnan(both["assd_mm"]) and math.isnan(both["hd95_mm"]) and math.isnan(both[metrics.nsd_key(1.0)])
+    pred = ref.copy()
+    pred[5, 5, 5] = False  # a hole: its neighbours are the prediction's observable surface
+    one = metrics.surface_metrics(pred, ref, (1.0, 1.0, 1.0), (1.0,), unannotated=unannotated)
+    assert math.isnan(one["assd_mm"]) and one[metrics.nsd_key(1.0)] == 0.0
+    with pytest.raises(ValueError, match="boundary"):
+        metrics.directed_surface_distances(ref, ref, (1.0, 1.0, 1.0), unannotated)
+
 # --- lesions -------------------------------------------------------------------------------
 
 def test_connectivity_is_explicit_and_matches_scikit_image():

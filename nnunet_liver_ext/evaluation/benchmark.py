@@ -33,7 +33,7 @@ from nnunet_liver_ext.evaluation.characterization import load_case_prediction
 from nnunet_liver_ext.evaluation.metrics import Region, regions_from_labels, segmentation_metrics
 
 CACHE_FILE = ".metrics_cache.json"
-CACHE_VERSION = 2  # bump whenever a metric's computation changes
+CACHE_VERSION = 3  # bump whenever a metric's computation changes
 BASELINE_TRAINER = "nnUNetTrainer"
 
 
@@ -152,10 +152,12 @@ def compute_case(job: CaseJob, settings: EvaluationSettings) -> dict:
                                  f"labels {list(settings.allowed_labels)}")
     row: dict = dict(trainer=job.trainer, fold=job.fold if job.fold is not None else "", case=job.case,
                      spacing_zyx="x".join(f"{s:g}" for s in gt_spacing))
+    unannotated = None
     if settings.ignore_label is not None:
         unannotated = gt == settings.ignore_label
         pred, gt = np.where(unannotated, 0, pred), np.where(unannotated, 0, gt)
-    row.update(segmentation_metrics(pred, gt, gt_spacing, settings.regions, settings.surface_dice_tolerances_mm))
+    row.update(segmentation_metrics(pred, gt, gt_spacing, settings.regions, settings.surface_dice_tolerances_mm,
+                                    unannotated))
     lesion_rows: list[dict] = []
     if settings.tumor_labels is not None:
         tumor_values = np.asarray(settings.tumor_labels)

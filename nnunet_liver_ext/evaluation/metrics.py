@@ -23,6 +23,12 @@ Definitions (TP/FP/FN are voxel counts of the binary masks P = prediction, R = r
 * Surface Dice at tolerance t (optional; Nikolov et al. with boundary voxel counts as in
   MONAI ``compute_surface_dice(use_subvoxels=False)``):
   (#{d(P->R) <= t} + #{d(R->P) <= t}) / (#boundary(P) + #boundary(R)).
+* Unannotated voxels (nnU-Net's ignore label, ``unannotated``): both masks are taken as empty
+  there, and a voxel whose background neighbours are all unannotated is no boundary voxel: where
+  the annotation stops, the reference's surface is unknown, and a cut through both masks would
+  otherwise count as a surface on which they agree. The surfaces are the observable ones. A
+  non-empty mask may have none (an annotated pocket it fills): then ASSD and HD95 are NaN and
+  surface Dice is 0, or NaN when neither mask has an observable surface.
 
 Empty-mask policy (``EMPTY_MASK_POLICY`` below, printed as a table in every report). Each
 result carries ``status`` so cases with a NaN are counted, never silently dropped:
@@ -173,35 +179,67 @@ def overlap_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray) -> dict[str, fl
     )
 
 
-def boundary(mask: np.ndarray) -> np.ndarray:
+def boundary(mask: np.ndarray, unannotated: np.ndarray | None = None) -> np.ndarray:
     """Boundary voxels of a boolean mask: mask minus its face-connected erosion.
 
-    Voxels on the array edge count as boundary (outside the array is background).
+    Voxels on the array edge count as boundary (outside the array is background). With ``unannotated``
+    (a boolean mask of the same shape, disjoint from ``mask``), a neighbour there does not make a
+    boundary: only annotated background or the array edge does.
     """
     structure = generate_binary_structure(mask.ndim, 1)
-    return mask & ~binary_erosion(mask, structure=structure, border_value=0)
+    inside = mask if unannotated is None else mask | unannotated
+    return mask & ~binary_erosion(inside, structure=structure, border_value=0)
 
 
-def directed_surface_distances(pred_mask: np.ndarray, ref_mask: np.ndarray,
-                               spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Distances d(P->R) and d(R->P) between the boundaries of two non-empty masks.
+def _annotated_only(pred_mask: np.ndarray, ref_mask: np.ndarray, unannotated: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Boolean masks with the unannotated voxels taken out (``unannotated`` None where there are none)."""
+    pred_mask, ref_mask = pred_mask.astype(bool, copy=False), ref_mask.astype(bool, copy=False)
+    if unannotated is None:
+        return pred_mask, ref_mask, None
+    if unannotated.shape != ref_mask.shape:
+        raise ValueError(f"unannotated mask shape {unannotated.shape} != reference shape {ref_mask.shape}")
+    unannotated = unannotated.astype(bool, copy=False)
+    if not unannotated.any():
+        return pred_mask, ref_mask, None
+    return pred_mask & ~unannotated, ref_mask & ~unannotated, unannotated
+
+
+def surface_points(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float],
+                   unannotated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Boundary voxels of two masks (observable ones with ``unannotated``), as ``(n, ndim)`` float64
+    coordinates scaled by ``spacing`` (array axis order), P's then R's."""
+    spacing = _check_pair(pred_mask, ref_mask, spacing)
+    pred_mask, ref_mask, unannotated = _annotated_only(pred_mask, ref_mask, unannotated)
+    scale = np.asarray(spacing, dtype=np.float64)
+    if not pred_mask.any() and not ref_mask.any():
+        return np.zeros((0, ref_mask.ndim)), np.zeros((0, ref_mask.ndim))
+    # Every boundary voxel lies inside the union's bounding box, so only that box is eroded.
+    # A one-voxel margin keeps the erosion identical to the uncropped one (the margin's
+    # unannotated voxels are cropped with it, and beyond the image edge border_value=0 plays
+    # the role of background).
+    union_coords = np.nonzero(pred_mask | ref_mask)
+    crop = tuple(slice(max(int(c.min()) - 1, 0), int(c.max()) + 2) for c in union_coords)
+    unannotated = None if unannotated is None else unannotated[crop]
+    offset = np.asarray([c.start for c in crop], dtype=np.float64)
+    return tuple((np.argwhere(boundary(mask[crop], unannotated)) + offset) * scale for mask in (pred_mask, ref_mask))
+
+
+def directed_surface_distances(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float],
+                               unannotated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances d(P->R) and d(R->P) between the boundaries of two masks that have one.
 
     Returns two 1-D float64 arrays: one entry per boundary voxel of P (distance to the
     nearest boundary voxel of R) and one per boundary voxel of R. ``spacing`` is in array
-    axis order.
+    axis order. With ``unannotated``, the observable boundaries (module docstring).
     """
-    spacing = _check_pair(pred_mask, ref_mask, spacing)
-    pred_mask, ref_mask = pred_mask.astype(bool, copy=False), ref_mask.astype(bool, copy=False)
-    if not pred_mask.any() or not ref_mask.any():
-        raise ValueError("surface distances need two non-empty masks (see the empty-mask policy)")
-    # Every boundary voxel lies inside the union's bounding box, so only that box is eroded.
-    # A one-voxel margin keeps the erosion identical to the uncropped one (the margin is
-    # background, and beyond the image edge border_value=0 plays that role).
-    union_coords = np.nonzero(pred_mask | ref_mask)
-    crop = tuple(slice(max(int(c.min()) - 1, 0), int(c.max()) + 2) for c in union_coords)
-    scale = np.asarray(spacing, dtype=np.float64)
-    pred_points = np.argwhere(boundary(pred_mask[crop])) * scale
-    ref_points = np.argwhere(boundary(ref_mask[crop])) * scale
+    pred_points, ref_points = surface_points(pred_mask, ref_mask, spacing, unannotated)
+    if not len(pred_points) or not len(ref_points):
+        raise ValueError("surface distances need two masks with a boundary (see the empty-mask policy)")
+    return _nearest_distances(pred_points, ref_points)
+
+
+def _nearest_distances(pred_points: np.ndarray, ref_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Exact nearest-neighbour distances between the two boundary point sets: the same values
     # as an EDT of the boundary (what MONAI and medpy do), at a fraction of the cost on
     # clinical volumes where the boundaries are a few 1e5 voxels in a 1e7-voxel box.
@@ -211,23 +249,30 @@ def directed_surface_distances(pred_mask: np.ndarray, ref_mask: np.ndarray,
 
 
 def surface_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float],
-                    surface_dice_tolerances_mm: Sequence[float] = ()) -> dict[str, float]:
+                    surface_dice_tolerances_mm: Sequence[float] = (),
+                    unannotated: np.ndarray | None = None) -> dict[str, float]:
     """ASSD (pooled), HD95 (max of directed 95th percentiles), surface Dice per tolerance.
 
     Keys: ``assd_mm``, ``hd95_mm`` and ``nsd_{t:g}mm`` for each tolerance t (in mm, i.e. the
-    spacing's unit). Empty masks follow the module's policy table.
+    spacing's unit). Empty masks follow the module's policy table; ``unannotated`` voxels (nnU-Net's
+    ignore label) the module docstring.
     """
     spacing = _check_pair(pred_mask, ref_mask, spacing)
     for t in surface_dice_tolerances_mm:
         if not (t >= 0 and math.isfinite(t)):
             raise ValueError(f"surface Dice tolerance must be >= 0 mm, got {t}")
+    pred_mask, ref_mask, unannotated = _annotated_only(pred_mask, ref_mask, unannotated)
     status = mask_status(pred_mask, ref_mask)
     nsd_keys = [nsd_key(t) for t in surface_dice_tolerances_mm]
     if status == STATUS_BOTH_EMPTY:
         return dict(assd_mm=0.0, hd95_mm=0.0, **{k: 1.0 for k in nsd_keys})
     if status != STATUS_BOTH_PRESENT:
         return dict(assd_mm=NAN, hd95_mm=NAN, **{k: 0.0 for k in nsd_keys})
-    d_pr, d_rp = directed_surface_distances(pred_mask, ref_mask, spacing)
+    pred_points, ref_points = surface_points(pred_mask, ref_mask, spacing, unannotated)
+    if not len(pred_points) or not len(ref_points):  # only with unannotated voxels
+        nsd = NAN if not len(pred_points) and not len(ref_points) else 0.0
+        return dict(assd_mm=NAN, hd95_mm=NAN, **{k: nsd for k in nsd_keys})
+    d_pr, d_rp = _nearest_distances(pred_points, ref_points)
     result = dict(
         assd_mm=float(np.concatenate([d_pr, d_rp]).mean()),
         hd95_mm=float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95))),
@@ -246,13 +291,16 @@ def nsd_key(tolerance_mm: float) -> str:
 
 
 def region_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float],
-                   surface_dice_tolerances_mm: Sequence[float] = ()) -> dict[str, float | int | str]:
-    """All overlap and surface metrics of one binary structure, plus status and volumes."""
+                   surface_dice_tolerances_mm: Sequence[float] = (),
+                   unannotated: np.ndarray | None = None) -> dict[str, float | int | str]:
+    """All overlap and surface metrics of one binary structure, plus status and volumes, over the
+    annotated voxels (all but ``unannotated``)."""
     spacing = _check_pair(pred_mask, ref_mask, spacing)
+    pred_mask, ref_mask, unannotated = _annotated_only(pred_mask, ref_mask, unannotated)
     voxel_volume = float(np.prod(spacing))
     result: dict[str, float | int | str] = {"status": mask_status(pred_mask, ref_mask)}
     result.update(overlap_metrics(pred_mask, ref_mask))
-    result.update(surface_metrics(pred_mask, ref_mask, spacing, surface_dice_tolerances_mm))
+    result.update(surface_metrics(pred_mask, ref_mask, spacing, surface_dice_tolerances_mm, unannotated))
     n_pred, n_ref = int(np.count_nonzero(pred_mask)), int(np.count_nonzero(ref_mask))
     result.update(pred_volume_ml=n_pred * voxel_volume / 1000.0, ref_volume_ml=n_ref * voxel_volume / 1000.0)
     return result
@@ -260,18 +308,19 @@ def region_metrics(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequenc
 
 def segmentation_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequence[float],
                          regions: Sequence[Region] = DEFAULT_REGIONS,
-                         surface_dice_tolerances_mm: Sequence[float] = ()) -> "OrderedDict[str, float | int | str]":
+                         surface_dice_tolerances_mm: Sequence[float] = (),
+                         unannotated: np.ndarray | None = None) -> "OrderedDict[str, float | int | str]":
     """Per-region metrics of two label maps, flattened to ``{region.key}_{metric}`` keys.
 
     pred_labels, ref_labels: integer arrays of identical shape (z, y, x); spacing in the same
-    axis order.
+    axis order; ``unannotated``: boolean, the voxels no metric counts (nnU-Net's ignore label).
     """
     spacing = _check_pair(pred_labels, ref_labels, spacing)
     out: OrderedDict[str, float | int | str] = OrderedDict()
     for region in regions:
         values = np.asarray(region.labels)
         metrics = region_metrics(np.isin(pred_labels, values), np.isin(ref_labels, values), spacing,
-                                 surface_dice_tolerances_mm)
+                                 surface_dice_tolerances_mm, unannotated)
         for name, value in metrics.items():
             out[f"{region.key}_{name}"] = value
     return out
