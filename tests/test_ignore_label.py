@@ -95,6 +95,26 @@ def test_every_trainer_leaves_unannotated_voxels_out_of_its_segmentation_loss(nn
         assert torch.equal(trainer.reference_tumor(batch["target"]), label == 2)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_mti_net_tim_reads_only_annotated_voxels(nnunet_folders, layout):  # noqa: F811
+    """MTI-Net's TIM compares the curve under the predicted tumor with the curve under the reference tumor: a
+    tumor predicted where nothing is annotated cannot be in the reference, so it is neither pulled in nor pushed
+    out (no gradient there), while the annotated voxels still train."""
+    from nnunet_liver_ext.networks.contract import NetworkOutput
+
+    trainer = make_trainer("nnUNetTrainerMTINet", LAYOUTS[layout])
+    batch = sparse_batch(trainer, layout)
+    label = batch.pop("label")
+    annotated = trainer.annotated_voxels(batch["target"])
+    assert torch.equal(annotated, label != IGNORE)
+    heads = trainer.label_manager.num_segmentation_heads
+    logits = torch.randn(2, heads, *PATCH, requires_grad=True)
+    tumor = trainer.reference_tumor(batch["target"])
+    trainer.tim_loss(batch["data"], NetworkOutput(seg=[logits]), tumor, annotated).backward()
+    grad = logits.grad.abs().amax(1, keepdim=True)
+    assert grad[~annotated].max() == 0 and grad[annotated].max() > 0
+
+
 def test_the_paper_dice_loss_is_nnunets_dice_on_the_annotated_voxels(nnunet_folders):  # noqa: F811
     """DynTransNet's _paper variant (Dice only): with an ignore label, its loss is the Dice of nnU-Net's
     Dice-loss trainer computed over the annotated voxels, not a different loss."""

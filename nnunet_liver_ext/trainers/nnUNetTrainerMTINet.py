@@ -31,7 +31,7 @@ SGD the heads stayed at chance). ``_paper``: Adam lr 1e-4 for everything, consta
 Ablations (paper Tables 3-4): ``_noMdIEF``, ``_noSpectral``, ``_noSpatial``, ``_noTIM``, ``_noTDD``,
 ``_segOnly``, ``_segReg``, ``_segCls``; plus ``_noWeightSharing`` (one encoder per phase).
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,13 +111,18 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         return optimizer, self.lr_scheduler_for(optimizer)
 
     # ------------------------------------------------------------------ losses
-    def tim_loss(self, data: torch.Tensor, output: NetworkOutput, tumor: torch.Tensor) -> torch.Tensor:
+    def tim_loss(self, data: torch.Tensor, output: NetworkOutput, tumor: torch.Tensor,
+                 annotated: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L_1seg: L1 between the curve under the predicted tumor probability and under the reference
-        tumor mask, both the weighted means of the same normalised phase images. tumor ``(B, 1, *S)`` bool."""
+        tumor mask, both the weighted means of the same normalised phase images. tumor ``(B, 1, *S)`` bool;
+        ``annotated`` ``(B, 1, *S)`` bool (nnU-Net's ignore label): the predicted curve reads only those
+        voxels, since the reference curve cannot hold a tumor where nothing is annotated."""
         network = unwrap_network(self.network)
         block = liver_ext_block(self.plans_manager.plans)
         probability = output_probability(output.seg_highres, block.get("lesion_channel", -1),
                                          block.get("lesion_activation", "softmax"))
+        if annotated is not None:
+            probability = probability * annotated
         images = data[:, :network.num_phases * network.channels_per_phase]  # not a cascade's segmentation
         predicted = masked_phase_means(images, probability, network.channels_per_phase)
         reference = masked_phase_means(images, tumor.float(), network.channels_per_phase)
@@ -147,7 +152,8 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
             seg_loss = self.loss(output.seg, target)
             terms = self.case_loss_terms(output, target, keys)
             if self.loss_weights.get("tim", 0) > 0:
-                terms["tim"] = self.loss_weights["tim"] * self.tim_loss(data, output, tumor)
+                terms["tim"] = self.loss_weights["tim"] * self.tim_loss(data, output, tumor,
+                                                                        self.annotated_voxels(target))
             if discriminator is not None:
                 pairs = self.adversarial_pairs(output, keys, tumor)
                 # the generator wants its pairs judged real; the discriminator's own gradients from this

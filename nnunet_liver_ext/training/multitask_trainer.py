@@ -363,6 +363,17 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         channel = self.tumor_region_channel
         return full_resolution[:, channel:channel + 1] > 0.5
 
+    def annotated_voxels(self, target) -> Optional[torch.Tensor]:
+        """``(B, 1, *S)`` bool: the voxels of nnU-Net's (deep-supervision) target at full resolution that carry a
+        label, i.e. not nnU-Net's ignore label; None for a dataset without one. With region-based training
+        nnU-Net's loader gives the ignore mask as the target's last channel."""
+        if not self.label_manager.has_ignore_label:
+            return None
+        full_resolution = target[0] if isinstance(target, (list, tuple)) else target
+        if self.label_manager.has_regions:
+            return full_resolution[:, -1:] < 0.5
+        return full_resolution != self.label_manager.ignore_label
+
     def train_step(self, batch: dict) -> dict:
         data, target, keys, tumor = self.unpack_batch(batch)
         lesion_mask = tumor.float() if self.guide_heads_with_reference_lesion else None
