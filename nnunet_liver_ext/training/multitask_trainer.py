@@ -57,9 +57,9 @@ def tumor_label_value(dataset_json: dict) -> int:
     value but no class). In a region-based dataset (``regions_class_order``), the label value nnU-Net
     writes the tumor region as."""
     labels = dataset_json["labels"]
-    for name in TUMOR_NAMES:
-        if name in labels and isinstance(labels[name], int):
-            return labels[name]
+    named = named_tumor(labels)
+    if isinstance(named, int):
+        return named
     if dataset_json.get("regions_class_order"):
         from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
