@@ -251,3 +251,26 @@ def test_hybrid_fusion_reaches_the_class_head():
         net(x, heads=True, lesion_mask=lesion).cls_logits.square().sum().backward()
         for name, p in net.temporal.hybrid.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("conv_op, spatial", [(nn.Conv3d, (5, 6, 7)), (nn.Conv2d, (6, 7))])
+@pytest.mark.parametrize("out_channels, bias", [(1, True), (3, False)])
+def test_pointwise_conv_is_the_convolution_as_a_matrix_product(conv_op, spatial, out_channels, bias):
+    """PhaseFusion's and FM-M's single-channel scores run as a matrix product (a convolution with one output
+    channel is slow on the CPU): the same values and gradients as the module, autocast's dtype, and a
+    convolution that is no 1x1 is refused."""
+    from nnunet_liver_ext.networks.blocks import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = conv_op(4, out_channels, 1, bias=bias)
+    x = torch.randn(3, 4, *spatial, requires_grad=True)
+    ours, theirs = pointwise_conv(conv, x), conv(x)
+    torch.testing.assert_close(ours, theirs)
+    grads = [torch.autograd.grad(y.square().sum(), [x, conv.weight]) for y in (ours, theirs)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pointwise_conv(conv, x).dtype == conv(x).dtype == torch.bfloat16
+    for bad in (conv_op(4, 1, 3), conv_op(4, 1, 1, stride=2), conv_op(4, 1, 1, padding=1)):
+        with pytest.raises(ValueError, match="1x1 convolution"):
+            pointwise_conv(bad, x)

@@ -123,6 +123,25 @@ def spatial_dims(conv_op: Type[_ConvNd]) -> int:
     raise ValueError(f"conv_op must be nn.Conv2d or nn.Conv3d, got {conv_op}")
 
 
+def pointwise_conv(conv: _ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1(x1) ``conv`` (stride 1, no padding, no groups), as one matrix product over the
+    channels. The same parameters and result; a convolution with a single output channel (a voxel-wise score)
+    runs an order of magnitude below a batched matrix product's speed on the CPU, forward and backward
+    (PhaseFusion's score at STD-Net's highest resolution).
+
+    x ``(B, C_in, *S)`` -> ``(B, C_out, *S)``."""
+    if any(k != 1 for k in conv.kernel_size) or any(s != 1 for s in conv.stride) or conv.groups != 1 \
+            or any(p != 0 for p in conv.padding if isinstance(conv.padding, tuple)):
+        raise ValueError(f"pointwise_conv needs a 1x1 convolution with stride 1, no padding and one group, got {conv}")
+    # bmm over the expanded weight: torch.matmul of (C_out, C_in) @ (B, C_in, V) copies its operands first and
+    # is as slow as the convolution
+    weight = conv.weight.flatten(1).unsqueeze(0).expand(x.shape[0], -1, -1)
+    out = torch.bmm(weight, x.flatten(2))  # (B, C_out, V)
+    if conv.bias is not None:
+        out = out + conv.bias.to(out.dtype).view(1, -1, 1)  # autocast's dtype, as the convolution's output
+    return out.unflatten(2, x.shape[2:])
+
+
 class PhaseFusion(nn.Module):
     """Fuses per-phase feature maps into one map for the decoder.
 
@@ -153,7 +172,7 @@ class PhaseFusion(nn.Module):
         if self.mode == "reference":
             return features[:, self.reference_phase]
         b, n = features.shape[:2]
-        scores = self.score(features.flatten(0, 1)).unflatten(0, (b, n))
+        scores = pointwise_conv(self.score, features.flatten(0, 1)).unflatten(0, (b, n))
         scores = scores + self.phase_bias[:n].view(1, n, *([1] * (features.ndim - 2)))
         weights = torch.softmax(scores.float(), dim=1).to(features.dtype)
         return (weights * features).sum(1)

@@ -59,7 +59,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_liver_ext.networks.blocks import numel, spatial_dims
+from nnunet_liver_ext.networks.blocks import numel, pointwise_conv, spatial_dims
 from nnunet_liver_ext.networks.contract import NetworkOutput
 
 FUSIONS = ("fmm", "concat", "sum")
@@ -369,7 +369,7 @@ class FeatureMix(nn.Module):
         self.w_f = conv_op(decoder_channels + encoder_channels, out_channels, 1)
 
     def forward(self, decoder: torch.Tensor, encoder: torch.Tensor, return_gate: bool = False):
-        psi = torch.sigmoid(self.w_psi(F.relu(self.w_g(decoder) + self.w_x(encoder))))
+        psi = torch.sigmoid(pointwise_conv(self.w_psi, F.relu(self.w_g(decoder) + self.w_x(encoder))))
         fused = self.w_f(torch.cat((decoder, psi * encoder), 1))
         return (fused, psi) if return_gate else fused
 
