@@ -205,3 +205,62 @@ def test_pretrained_weights_into_a_cascade_stage_leave_the_previous_stage_channe
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
+
+
+def _perturbed_checkpoint(trainer, path) -> dict:
+    with torch.no_grad():
+        for p in trainer.network.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    trainer.save_checkpoint(str(path))
+    return trainer.network.state_dict()
+
+
+def _source_key(key: str, source: dict) -> str:
+    return key if key in source else "encoder." + key.split(".", 2)[2]
+
+
+@pytest.mark.parametrize("name", catalogue_trainers())
+def test_pretrained_weights_from_a_cascade_stage(nnunet_folders, tmp_path, name):  # noqa: F811
+    """``-pretrained_weights`` from a 3d_cascade_fullres model: into 3d_fullres, every first layer takes the
+    source's image channels and drops its previous-stage segmentation channels (never read as phases); into
+    another cascade stage of the same labels, the whole kernel is copied. The checkpoint says which channels are
+    the segmentation (its plans, configuration and dataset.json)."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    from nnunet_liver_ext.networks.transfer import first_layer_keys
+    from nnunet_liver_ext.training.pretrained import read_pretrained
+
+    source_trainer = make_cascade_trainer(name)
+    if not hasattr(source_trainer.network, "load_pretrained_state"):
+        pytest.skip(f"{name}'s network takes nnU-Net's loader, which wants the same shapes (nnU-Net's rule)")
+    source = _perturbed_checkpoint(source_trainer, tmp_path / "cascade.pth")
+    assert read_pretrained(str(tmp_path / "cascade.pth"))[1] == FOREGROUND_LABELS
+
+    for target, images_only in ((make_trainer(name), True), (make_cascade_trainer(name), False)):
+        maybe_load_checkpoint(target, continue_training=False, validation_only=False,
+                              pretrained_weights_file=str(tmp_path / "cascade.pth"))
+        state = target.network.state_dict()
+        first = first_layer_keys(target.network)
+        assert first
+        for key in first:
+            kernel = source[_source_key(key, source)]
+            expected = kernel[:, :-FOREGROUND_LABELS] if images_only else kernel
+            torch.testing.assert_close(state[key], expected, msg=key)
+
+
+def test_cascade_segmentation_channels_are_never_read_as_phases():
+    """adapt_first_layer with the source's cascade channels: a one-phase stage with two segmentation channels
+    has as many input channels as three phases, yet only its image channel is tiled over them; into a stage of
+    other labels its segmentation channels start at zero."""
+    from nnunet_liver_ext.networks.transfer import adapt_first_layer
+
+    kernel = torch.randn(4, 1 + 2, 3, 3, 3)
+    three_phases, rule = adapt_first_layer(kernel, torch.Size((4, 3, 3, 3, 3)), 0, source_previous_stage_channels=2)
+    torch.testing.assert_close(three_phases, kernel[:, :1].repeat(1, 3, 1, 1, 1) / 3)
+    assert "previous-stage segmentation channels dropped" in rule
+    other_labels, rule = adapt_first_layer(kernel, torch.Size((4, 1 + 3, 3, 3, 3)), 3, source_previous_stage_channels=2)
+    torch.testing.assert_close(other_labels[:, :1], kernel[:, :1])
+    assert not other_labels[:, 1:].any() and "start at 0" in rule
+    same, rule = adapt_first_layer(kernel, torch.Size((4, 3 + 2, 3, 3, 3)), 2, source_previous_stage_channels=2)
+    torch.testing.assert_close(same, torch.cat((kernel[:, :1].repeat(1, 3, 1, 1, 1) / 3, kernel[:, 1:]), 1))
+    assert "segmentation channels copied" in rule

@@ -32,8 +32,11 @@ decoder holds the encoder again as ``decoder.encoder.*``):
    convolution are the previous stage's one-hot segmentation (the network's ``previous_stage_channels``).
    A source without them (a 3d_fullres or 3d_lowres model) gives the image channels as above, and the
    segmentation channels' weights start at zero, so that the stage first answers as the source did and
-   learns from the segmentation with training; they are never read as more phases. A source with them
-   (another cascade stage) is copied as it is.
+   learns from the segmentation with training; they are never read as more phases. A source that is a
+   cascade stage itself (an nnU-Net checkpoint says so: its plans, configuration and dataset.json) gives its
+   image channels under the same rule; its segmentation channels are copied into a stage of the same
+   labels, start at zero in a stage of other labels, and are dropped for a network outside the cascade (never
+   read as phases). A plain state dict does not say: its first layer is copied where the shapes agree.
 5. Everything else keeps its initialisation and is reported: ``missing in source`` (the temporal
    Transformer, phase fusion, MdIEF, ... of a single-phase source) or ``shape mismatch``.
 
@@ -143,27 +146,37 @@ def first_layer_keys(network: nn.Module) -> set:
     return {name for name, p in network.named_parameters(remove_duplicate=False) if id(p) in weights}
 
 
-def adapt_first_layer(source: torch.Tensor, shape: torch.Size,
-                      previous_stage_channels: int = 0) -> Optional[Tuple[torch.Tensor, str]]:
+def adapt_first_layer(source: torch.Tensor, shape: torch.Size, previous_stage_channels: int = 0,
+                      source_previous_stage_channels: int = 0) -> Optional[Tuple[torch.Tensor, str]]:
     """Rule 4 of the module docstring: a kernel ``(out, C_src, *k)`` as ``(out, C, *k)``, with the rule's
-    description; None when more than the input channels differ or neither channel count divides the other.
-    With ``previous_stage_channels`` P, the last P of the C channels are a cascade's segmentation: the source
-    gives the other C - P, and the P start at zero."""
+    description; None when more than the input channels differ or neither image channel count divides the
+    other. The last ``previous_stage_channels`` P of the C channels, and the last
+    ``source_previous_stage_channels`` P_src of the C_src, are a cascade's segmentation: the image channels
+    follow the rule, and the P are the source's P_src where both stages segment the same labels (P == P_src),
+    zero otherwise."""
     if source.dim() != len(shape) or source.dim() < 3 or source.shape[0] != shape[0] \
             or source.shape[2:] != shape[2:]:
         return None
-    if previous_stage_channels:
-        p = previous_stage_channels
-        if shape[1] - p < 1:
+    p, p_src = previous_stage_channels, source_previous_stage_channels
+    if p or p_src:
+        if shape[1] - p < 1 or source.shape[1] - p_src < 1:
             return None
+        source_image = source[:, :source.shape[1] - p_src]
         image_shape = torch.Size((shape[0], shape[1] - p, *shape[2:]))
-        if image_shape == source.shape:
-            image, rule = source, f"input channels {source.shape[1]} kept"
+        if image_shape == source_image.shape:
+            image, rule = source_image, f"image input channels {source_image.shape[1]} kept"
         else:
-            adapted = adapt_first_layer(source, image_shape)
+            adapted = adapt_first_layer(source_image, image_shape)
             if adapted is None:
                 return None
             image, rule = adapted
+        if p and p == p_src:
+            return torch.cat((image, source[:, -p:]), 1), f"{rule}; the previous stage's {p} segmentation channels " \
+                                                          f"copied"
+        if p_src:
+            rule += f"; the source's {p_src} previous-stage segmentation channels dropped"
+        if not p:
+            return image, rule
         zeros = source.new_zeros(shape[0], p, *shape[2:])
         return torch.cat((image, zeros), 1), f"{rule}; the previous stage's {p} segmentation channels start at 0"
     c_src, c = source.shape[1], shape[1]
@@ -179,8 +192,10 @@ def adapt_first_layer(source: torch.Tensor, shape: torch.Size,
 
 
 def plan_transfer(network: nn.Module, source_state: Mapping[str, torch.Tensor], source: str = "pretrained weights",
-                  skip_prefixes: Tuple[str, ...] = ()) -> Tuple[Dict[str, torch.Tensor], TransferReport]:
-    """(the network's new state dict, the report) under the module docstring's rule; changes nothing."""
+                  skip_prefixes: Tuple[str, ...] = (), source_previous_stage_channels: Optional[int] = None
+                  ) -> Tuple[Dict[str, torch.Tensor], TransferReport]:
+    """(the network's new state dict, the report) under the module docstring's rule; changes nothing.
+    ``source_previous_stage_channels``: the source's cascade input channels (None: unknown, a plain state dict)."""
     src = strip_wrapper_prefixes(source_state)
     state = network.state_dict()
     first = first_layer_keys(network)
@@ -204,13 +219,17 @@ def plan_transfer(network: nn.Module, source_state: Mapping[str, torch.Tensor], 
         if not isinstance(value, torch.Tensor):
             report.skipped[key] = (SHAPE, f"source entry is a {type(value).__name__}, not a tensor")
             continue
-        if value.shape == target.shape:
+        # a first layer whose cascade channels differ from the source's is adapted even where the shapes agree
+        # (a 1-phase stage with 2 segmentation channels against 3 phases)
+        layouts_differ = key in first and source_previous_stage_channels is not None \
+            and source_previous_stage_channels != previous_stage_channels
+        if value.shape == target.shape and not layouts_differ:
             new_state[key] = value.to(dtype=target.dtype)
             report.loaded.append(key)
             used.add(source_key)
             continue
-        adapted = adapt_first_layer(value.to(dtype=target.dtype), target.shape, previous_stage_channels) \
-            if key in first else None
+        adapted = adapt_first_layer(value.to(dtype=target.dtype), target.shape, previous_stage_channels,
+                                    source_previous_stage_channels or 0) if key in first else None
         if adapted is not None:
             new_state[key], report.adapted[key] = adapted[0], f"from {source_key}, {adapted[1]}"
             used.add(source_key)
@@ -240,14 +259,17 @@ def _share_among_aliases(network: nn.Module, new_state: Dict[str, torch.Tensor],
                 report.loaded.append(key)
 
 
-def load_pretrained_state(self: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                          source: str = "pretrained weights") -> TransferReport:
+def load_pretrained_state(self: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "pretrained weights",
+                          source_previous_stage_channels: Optional[int] = None) -> TransferReport:
     """Loads ``state_dict`` (an nnU-Net checkpoint's ``network_weights``) under the module docstring's rule
     and returns the report; networks bind it as a method (``load_pretrained_state = load_pretrained_state``)
-    and list their heads in ``transfer_skip_prefixes``.
+    and list their heads in ``transfer_skip_prefixes``. ``source_previous_stage_channels``: how many of the
+    source's input channels are a cascade's segmentation (``training.pretrained`` reads it from the
+    checkpoint); None when unknown.
 
     Raises UserError (naming ``source``) and loads nothing when no encoder weight could be transferred."""
-    new_state, report = plan_transfer(self, state_dict, source, tuple(getattr(self, "transfer_skip_prefixes", ())))
+    new_state, report = plan_transfer(self, state_dict, source, tuple(getattr(self, "transfer_skip_prefixes", ())),
+                                      source_previous_stage_channels)
     encoder_keys = [k for k in new_state if k.startswith(ENCODER_PREFIXES)]
     if not report.transferred(ENCODER_PREFIXES):
         mismatched = [f"{k} ({d})" for k, (r, d) in report.skipped.items() if k in encoder_keys and r == SHAPE][:3]

@@ -21,6 +21,7 @@ nnU-Net changes, and nnU-Net's behaviour does not either except for networks tha
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,27 @@ from nnunet_liver_ext.networks.transfer import TransferReport
 def read_network_weights(fname: str) -> dict:
     """The network state dict of ``fname``: an nnU-Net checkpoint's ``network_weights``, or a plain state dict
     (tensor values). A UserError naming the file otherwise."""
+    return read_pretrained(fname)[0]
+
+
+def source_previous_stage_channels(checkpoint: dict) -> Optional[int]:
+    """How many input channels of an nnU-Net checkpoint's network are the previous stage's one-hot segmentation
+    (nnU-Net's ``determine_num_input_channels``): its foreground labels in a cascade configuration, 0 in any
+    other; None when the checkpoint does not say (no ``init_args`` with plans, configuration and dataset.json)."""
+    init_args = checkpoint.get("init_args")
+    if not isinstance(init_args, dict) or not all(k in init_args for k in ("plans", "configuration", "dataset_json")):
+        return None
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(init_args["plans"])
+    if plans_manager.get_configuration(init_args["configuration"]).previous_stage_name is None:
+        return 0
+    return len(plans_manager.get_label_manager(init_args["dataset_json"]).foreground_labels)
+
+
+def read_pretrained(fname: str) -> Tuple[dict, Optional[int]]:
+    """``(network state dict, previous-stage channels of its input)`` of ``fname`` (an nnU-Net checkpoint, or a
+    plain state dict, whose previous-stage channels are unknown: None). A UserError naming the file otherwise."""
     if not os.path.isfile(fname):
         raise UserError(f"-pretrained_weights {fname}: no such file",
                         "give the checkpoint_final.pth of the pretraining run (nnUNet_results/.../fold_X/)")
@@ -41,9 +63,14 @@ def read_network_weights(fname: str) -> dict:
     except Exception as e:  # a file torch cannot read, whatever the reason, is the user's input
         raise UserError(f"-pretrained_weights {fname}: torch cannot read it ({type(e).__name__}: {e})") from e
     if isinstance(saved, dict) and isinstance(saved.get("network_weights"), dict):
-        return saved["network_weights"]
+        try:
+            previous_stage = source_previous_stage_channels(saved)
+        except Exception as e:  # init_args nnU-Net cannot read: the checkpoint is not what its keys claim
+            raise UserError(f"-pretrained_weights {fname}: its init_args (plans, configuration, dataset.json) do "
+                            f"not load in nnU-Net ({type(e).__name__}: {e})") from e
+        return saved["network_weights"], previous_stage
     if isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
-        return saved
+        return saved, None
     what = f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict) else type(saved).__name__
     raise UserError(f"-pretrained_weights {fname}: neither an nnU-Net checkpoint (no 'network_weights') nor a "
                     f"state dict; it holds {what}")
@@ -59,7 +86,9 @@ def load_pretrained_weights(network, fname: str, verbose: bool = False):
         from nnunetv2.run import load_pretrained_weights as nnunet_loader
 
         return nnunet_loader.load_pretrained_weights(network, fname, verbose=verbose)
-    report: TransferReport = module.load_pretrained_state(read_network_weights(fname), source=str(fname))
+    weights, previous_stage = read_pretrained(fname)
+    report: TransferReport = module.load_pretrained_state(weights, source=str(fname),
+                                                          source_previous_stage_channels=previous_stage)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(report.format(), flush=True)
     return report
