@@ -137,6 +137,12 @@ def test_plan_without_fingerprint_gives_the_fingerprint_command(tree):
                       "nnUNetv2_plan_and_preprocess -d 501")
 
 
+def test_plan_resenc_is_for_the_network_presets(tree):
+    rc, out = nnunet_liver("plan", "-d", "501", "--preset", "cpu-demo", "--resenc", "L", env=_env(tree))
+    assert_user_error(rc, out, "['cpu-demo'] are no network presets", "nnUNetv2_plan_experiment -d 501 -pl "
+                      "nnUNetPlannerResEncL", "nnunet-liver plan -d 501 --preset stdnet --resenc L")
+
+
 def test_plan_unknown_dataset(tree):
     rc, out = nnunet_liver("plan", "-d", "7", env=_env(tree))
     assert_user_error(rc, out, "no dataset with id 7", "501 (Dataset501_Demo)")

@@ -139,14 +139,20 @@ def test_planner_writes_plans_that_nnunet_loads_and_trains_with(phantom, preset,
                                                          rel=1e-3)
         assert estimate["predicted_gb"] <= estimate["gpu_memory_target_gb"]
 
-    # nnU-Net's trainer path: constructor, initialize(), nnU-Net's data loader (in this process), two train steps
+    train_two_iterations(phantom, plans, trainer_of(preset), monkeypatch)
+
+
+def train_two_iterations(phantom, plans: dict, trainer_class: type, monkeypatch) -> None:
+    """nnU-Net's trainer path: constructor, initialize(), nnU-Net's data loader (in this process), two train steps."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
         monkeypatch.setenv(var, str(phantom["root"] / folder))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     configuration_manager = PlansManager(plans).get_configuration("3d_fullres")
     torch.manual_seed(0)
-    trainer = trainer_of(preset)(dict(copy.deepcopy(plans), continue_training=False), "3d_fullres", 0,
-                                 copy.deepcopy(phantom["dataset_json"]), torch.device("cpu"))
+    trainer = trainer_class(dict(copy.deepcopy(plans), continue_training=False), "3d_fullres", 0,
+                            copy.deepcopy(phantom["dataset_json"]), torch.device("cpu"))
     trainer.initialize()
     loader, _ = trainer.get_dataloaders()
     for _ in range(2):
@@ -182,6 +188,68 @@ def test_vram_target_sets_patch_and_batch_from_the_network_estimate(phantom):
         if estimate["estimate_per_sample"] > 1.5 * estimate["plain_unet_feature_map_elements"]:
             assert voxels[preset] < voxels["stock"], (preset, planned["patch_size"], stock["patch_size"])
     assert voxels["stdnet"] < voxels["stock"] and voxels["mti-net"] < voxels["stock"], voxels
+
+
+@pytest.mark.parametrize("size", ["L"])  # M: the next test
+def test_network_planner_on_nnunets_residual_encoder_presets(phantom, size, monkeypatch):
+    """``nnunet-liver plan --preset stdnet --resenc L``: nnU-Net's ResEnc L planning (ResidualEncoderUNet, its
+    reference values and 24 GB target) with STD-Net's estimate, calibrated against that ResidualEncoderUNet;
+    the plans reuse nnU-Net's preprocessed data, and STD-Net trains on them."""
+    import warnings
+
+    from nnunet_liver_ext.trainer_plans.planners import RESENC_PLANNERS, network_planner
+
+    planner = network_planner(PRESETS["stdnet"], size)
+    assert network_planner(PRESETS["stdnet"], size) is planner  # one class per pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned = _plan(phantom, planner, None, None)
+    # the preset's own target: nnU-Net's planner does not warn of a non-standard gpu_memory_target_in_gb
+    assert not [w for w in caught if "gpu_memory_target" in str(w.message)]
+    name = f"nnUNetResEncUNet{size}Plans_STDNet"
+    plans = load_plans(phantom, name)
+    assert plans["configurations"]["3d_fullres"] == json.loads(json.dumps(planned))
+    arch = planned["architecture"]
+    assert arch["network_class_name"].endswith("ResidualEncoderUNet") and "n_blocks_per_stage" in arch["arch_kwargs"]
+    assert planned["data_identifier"] == "nnUNetPlans_3d_fullres"
+    estimate = planned["vram_estimate"]
+    for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(phantom["root"] / folder))
+    reference = RESENC_PLANNERS[size](DATASET_ID)
+    assert estimate["gpu_memory_target_gb"] == {"M": 8, "L": 24}[size]
+    assert estimate["reference"] == {"elements": reference.UNet_reference_val_3d, "batch_size": 2,
+                                     "gb": reference.UNet_reference_val_corresp_GB}
+    dims = len(planned["patch_size"])
+    resenc_reference = (reference.UNet_reference_val_3d, 2, reference.UNet_reference_val_corresp_GB)
+    assert estimate["predicted_gb"] == pytest.approx(
+        predicted_gb(estimate["estimate_per_sample"], planned["batch_size"], dims, resenc_reference), rel=1e-3)
+    assert estimate["plain_unet_feature_map_elements"] == int(unet_estimate(planned))
+    # calibrated against the ResidualEncoderUNet of these plans, not the plain U-Net
+    assert estimate["calibration"]["unet_bytes_per_element"] != pytest.approx(
+        load_plans(phantom, "nnUNetPlans_STDNet")["configurations"]["3d_fullres"]["vram_estimate"]["calibration"][
+            "unet_bytes_per_element"], rel=1e-3)
+    train_two_iterations(phantom, plans, trainer_of("stdnet"), monkeypatch)
+
+
+def unet_estimate(configuration: dict) -> float:
+    """nnU-Net's own estimate (the U-Net of the plans) at the configuration's patch."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    arch = configuration["architecture"]
+    return ExperimentPlanner.static_estimate_VRAM_usage(configuration["patch_size"], 3, 3, arch["network_class_name"],
+                                                        arch["arch_kwargs"], arch["_kw_requires_import"])
+
+
+def test_a_small_target_on_resenc_gives_stdnet_less_than_nnunets_resenc(phantom):
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
+        nnUNetPlannerResEncM
+
+    from nnunet_liver_ext.trainer_plans.planners import network_planner
+
+    target = 0.04
+    stock = _plan(phantom, nnUNetPlannerResEncM, target, "nnUNetResEncUNetMPlans_small")
+    ours = _plan(phantom, network_planner(PRESETS["stdnet"], "M"), target, "nnUNetResEncUNetMPlans_STDNet_small")
+    assert np.prod(ours["patch_size"]) * ours["batch_size"] < np.prod(stock["patch_size"]) * stock["batch_size"]
 
 
 def test_dyntransnet_with_no_room_for_two_stages_is_refused(phantom):

@@ -34,7 +34,6 @@ def _data_identifier(plans: dict, plans_name: str, configuration: str) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    dataset_id = _check_inputs(args)
     from nnunet_liver_ext.errors import UserError
 
     if len(args.preset) > 1 and args.overwrite_plans_name:
@@ -43,14 +42,22 @@ def _plan(args: argparse.Namespace) -> int:
     if args.trainer and (len(args.preset) > 1 or args.preset[0] not in NETWORK_PRESETS):
         raise UserError(f"--trainer picks the variant of one network's planner; got presets {args.preset}",
                         f"nnunet-liver plan -d {args.d} --preset {NETWORK_PRESETS[0]} --trainer {args.trainer}")
+    if args.resenc and any(p not in NETWORK_PRESETS for p in args.preset):
+        others = [p for p in args.preset if p not in NETWORK_PRESETS]
+        raise UserError(f"--resenc plans this package's networks on nnU-Net's residual-encoder presets; {others} "
+                        f"are no network presets",
+                        f"for stock nnU-Net's own: nnUNetv2_plan_experiment -d {args.d} -pl nnUNetPlannerResEnc"
+                        f"{args.resenc}; for a network: nnunet-liver plan -d {args.d} --preset {NETWORK_PRESETS[0]} "
+                        f"--resenc {args.resenc}")
 
+    dataset_id = _check_inputs(args)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
 
-    from nnunet_liver_ext.trainer_plans.planners import PRESETS
+    from nnunet_liver_ext.trainer_plans.planners import PRESETS, network_planner
 
     preprocessed = set()  # data identifiers preprocessed in this run (the network plans share nnU-Net's)
     for preset in args.preset:
-        planner = PRESETS[preset]
+        planner = network_planner(PRESETS[preset], args.resenc) if args.resenc else PRESETS[preset]
         if args.trainer:
             planner = functools.partial(planner, trainer=args.trainer)
         plans, plans_name = plan_experiment_dataset(dataset_id, planner, gpu_memory_target_in_gb=args.gpu_memory_target,
@@ -99,7 +106,12 @@ def register(subparsers) -> None:
     p.add_argument("--trainer", default=None,
                    help="with one network preset: plan for this variant of the method (e.g. "
                         "nnUNetTrainerSTDNet_noWeightSharing) instead of its main trainer")
-    p.add_argument("--gpu-memory-target", type=float, default=None, help="VRAM target in GB (nnU-Net's default 8)")
+    p.add_argument("--resenc", choices=["M", "L", "XL"], default=None,
+                   help="with network presets: plan the network on nnU-Net's residual-encoder preset of this size "
+                        "(nnUNetPlannerResEncM/L/XL: ResidualEncoderUNet topology, their reference values and VRAM "
+                        "targets 8/24/40 GB); plans nnUNetResEncUNet<size>Plans_<Net>")
+    p.add_argument("--gpu-memory-target", type=float, default=None,
+                   help="VRAM target in GB (default: the planner's own, 8; with --resenc 8, 24 or 40)")
     p.add_argument("--overwrite-plans-name", default=None, help="name of the plans file to write")
     p.add_argument("--preprocess", action="store_true", help="also run nnU-Net's preprocessing for these plans")
     p.add_argument("-c", nargs="+", default=None, help="configurations to preprocess (default 3d_fullres)")

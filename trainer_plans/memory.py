@@ -153,8 +153,10 @@ def calibration_factor(trainer_class: type, dataset_json: dict, configuration: d
             "unet_bytes_per_element": reference}
 
 
-def predicted_gb(estimate: float, batch_size: int, dims: int) -> float:
-    """GB that nnU-Net's reference scaling assigns to ``estimate`` elements per sample at ``batch_size``:
-    the reference value at its reference batch size is ``REFERENCE_GB``."""
-    reference, reference_batch = REFERENCE_VALUES[dims]
-    return REFERENCE_GB * float(estimate) * batch_size / (reference * reference_batch)
+def predicted_gb(estimate: float, batch_size: int, dims: int,
+                 reference: Optional[Tuple[float, int, float]] = None) -> float:
+    """GB that nnU-Net's reference scaling assigns to ``estimate`` elements per sample at ``batch_size``.
+    ``reference``: ``(elements per sample, batch size, GB)`` of the planner (nnU-Net's ResEnc planners have
+    their own); by default the default planner's, ``REFERENCE_VALUES[dims]`` at ``REFERENCE_GB``."""
+    elements, reference_batch, gb = reference or (*REFERENCE_VALUES[dims], REFERENCE_GB)
+    return gb * float(estimate) * batch_size / (elements * reference_batch)

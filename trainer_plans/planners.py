@@ -8,14 +8,21 @@ plans they write are ordinary nnU-Net plans: train with ``-p <plans name>``.
 - One VRAM-aware planner per network (``NetworkPlanner``): nnU-Net's planning, with the network's own
   memory estimate in place of the U-Net's, so patch and batch fit the VRAM target for that network
   (``nnUNetPlans_STDNet``, ``nnUNetPlans_DynTransNet``, ``nnUNetPlans_MambaCodebook``, ``nnUNetPlans_MTINet``).
+- The same on nnU-Net's residual-encoder presets (:func:`network_planner` with ``"M"``, ``"L"``, ``"XL"``):
+  their ResidualEncoderUNet topology, reference values and VRAM targets (8, 24, 40 GB), plans
+  ``nnUNetResEncUNet{M,L,XL}Plans_<Net>``.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 from typing import List, Optional, Sequence, Tuple, Union
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncL, nnUNetPlannerResEncM, nnUNetPlannerResEncXL)
 
 from nnunet_liver_ext.errors import UserError
 from nnunet_liver_ext.trainer_plans.memory import build_network, calibration_factor, predicted_gb
@@ -97,15 +104,19 @@ class NetworkPlanner(ExperimentPlanner):
 
     #: the trainer whose network is planned (``-tr`` name); ``trainer=`` picks one of its variants
     trainer_name: str = None
-    #: plans are written as ``nnUNetPlans_<plans_suffix>``
+    #: plans are written as ``<U-Net planner's plans name>_<plans_suffix>`` (``nnUNetPlans_STDNet``)
     plans_suffix: str = None
 
-    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
+    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: Optional[float] = None,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: Optional[str] = None,
                  overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
                  suppress_transpose: bool = False, trainer: Union[str, type, None] = None):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
-                         plans_name or f"nnUNetPlans_{self.plans_suffix}", overwrite_target_spacing, suppress_transpose)
+        # the U-Net planner's own default target where none is given (8 GB, the ResEnc presets 8, 24, 40)
+        target = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+        super().__init__(dataset_name_or_id, preprocessor_name=preprocessor_name,
+                         plans_name=plans_name or f"{self.unet_plans_name()}_{self.plans_suffix}",
+                         overwrite_target_spacing=overwrite_target_spacing, suppress_transpose=suppress_transpose,
+                         **target)
         trainer = trainer or self.trainer_name
         self.trainer_class = find_trainer_class(trainer) if isinstance(trainer, str) else trainer
         missing = [k for k in getattr(self.trainer_class, "dataset_keys_required", ()) if not self.dataset_json.get(k)]
@@ -114,6 +125,18 @@ class NetworkPlanner(ExperimentPlanner):
                             f"{self.dataset_name} does not have, so there is no network to plan for",
                             "plan a dataset that has them (`nnunet-liver trainers` lists what each trainer needs)")
         self.calibrations = {}  # spatial dims -> calibration_factor(...)
+
+    @classmethod
+    def unet_plans_name(cls) -> str:
+        """The plans name of the nnU-Net planner this one plans on (``nnUNetPlans``, ``nnUNetResEncUNetLPlans``)."""
+        base = next(c for c in cls.__mro__ if issubclass(c, ExperimentPlanner) and not issubclass(c, NetworkPlanner))
+        return inspect.signature(base.__init__).parameters["plans_name"].default
+
+    def reference_point(self, dims: int) -> Tuple[float, int, float]:
+        """``(elements per sample, batch size, GB)`` of the U-Net planner's reference (memory.predicted_gb)."""
+        if dims == 2:
+            return self.UNet_reference_val_2d, self.UNet_reference_val_corresp_bs_2d, self.UNet_reference_val_corresp_GB
+        return self.UNet_reference_val_3d, self.UNet_reference_val_corresp_bs_3d, self.UNet_reference_val_corresp_GB
 
     def generate_data_identifier(self, configuration_name: str) -> str:
         # spacing, resampling and normalisation are nnU-Net's defaults: reuse its preprocessed data (as its
@@ -187,6 +210,7 @@ class NetworkPlanner(ExperimentPlanner):
             plan["patch_size"], inputs, outputs, architecture["network_class_name"], architecture["arch_kwargs"],
             architecture["_kw_requires_import"]))
         dims = len(plan["patch_size"])
+        reference = self.reference_point(dims)
         plan["vram_estimate"] = {
             "trainer": self.trainer_class.__name__,
             "network": type(network).__name__,
@@ -195,8 +219,9 @@ class NetworkPlanner(ExperimentPlanner):
             "estimate_per_sample": int(round(estimate)),
             "plain_unet_feature_map_elements": unet,
             "gpu_memory_target_gb": float(self.UNet_vram_target_GB),
-            "predicted_gb": float(f"{predicted_gb(estimate, plan['batch_size'], dims):.4g}"),
-            "plain_unet_predicted_gb": float(f"{predicted_gb(unet, plan['batch_size'], dims):.4g}"),
+            "predicted_gb": float(f"{predicted_gb(estimate, plan['batch_size'], dims, reference):.4g}"),
+            "plain_unet_predicted_gb": float(f"{predicted_gb(unet, plan['batch_size'], dims, reference):.4g}"),
+            "reference": {"elements": int(reference[0]), "batch_size": int(reference[1]), "gb": float(reference[2])},
         }
         return plan
 
@@ -231,6 +256,27 @@ class nnUNetPlannerMTINet(NetworkPlanner):
 
     trainer_name = "nnUNetTrainerMTINet"
     plans_suffix = "MTINet"
+
+
+#: nnU-Net's residual-encoder presets (``nnUNetPlannerResEnc{M,L,XL}``), by size
+RESENC_PLANNERS = {"M": nnUNetPlannerResEncM, "L": nnUNetPlannerResEncL, "XL": nnUNetPlannerResEncXL}
+
+
+@functools.lru_cache(maxsize=None)
+def network_planner(planner: type, resenc: Optional[str] = None) -> type:
+    """``planner`` (a :class:`NetworkPlanner`), or with ``resenc`` ("M", "L", "XL") the same network planned
+    on nnU-Net's residual-encoder preset of that size: its ResidualEncoderUNet topology (blocks per stage),
+    reference values and default VRAM target, plans ``nnUNetResEncUNet<size>Plans_<Net>``. The network's
+    estimate is calibrated against the ResidualEncoderUNet of the same plans."""
+    if resenc is None:
+        return planner
+    if resenc not in RESENC_PLANNERS:
+        raise ValueError(f"resenc must be one of {sorted(RESENC_PLANNERS)}, got {resenc!r}")
+    base = RESENC_PLANNERS[resenc]
+    return type(f"{planner.__name__}ResEnc{resenc}", (planner, base), {
+        "__module__": __name__,
+        "__doc__": f"{planner.__doc__}\n\nPlanned on nnU-Net's {base.__name__} (residual encoder, {resenc}).",
+    })
 
 
 PRESETS = {
