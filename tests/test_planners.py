@@ -194,7 +194,7 @@ def test_vram_target_sets_patch_and_batch_from_the_network_estimate(phantom):
 def test_network_planner_on_nnunets_residual_encoder_presets(phantom, size, monkeypatch):
     """``nnunet-liver plan --preset stdnet --resenc L``: nnU-Net's ResEnc L planning (ResidualEncoderUNet, its
     reference values and 24 GB target) with STD-Net's estimate, calibrated against that ResidualEncoderUNet;
-    the plans reuse nnU-Net's preprocessed data, and STD-Net trains on them."""
+    the plans reuse nnU-Net's preprocessed data, and STD-Net builds its residual encoder from them."""
     import warnings
 
     from nnunet_liver_ext.trainer_plans.planners import RESENC_PLANNERS, network_planner
@@ -228,7 +228,14 @@ def test_network_planner_on_nnunets_residual_encoder_presets(phantom, size, monk
     assert estimate["calibration"]["unet_bytes_per_element"] != pytest.approx(
         load_plans(phantom, "nnUNetPlans_STDNet")["configurations"]["3d_fullres"]["vram_estimate"]["calibration"][
             "unet_bytes_per_element"], rel=1e-3)
-    train_two_iterations(phantom, plans, trainer_of("stdnet"), monkeypatch)
+    # nnU-Net loads the plans and the trainer builds its network from them (training on ResEnc plans:
+    # tests/test_resenc_plans.py)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = PlansManager(plans).get_configuration("3d_fullres")
+    network = build_network(trainer_of("stdnet"), phantom["dataset_json"], plans["configurations"]["3d_fullres"], 3, 3)
+    assert type(network).__name__ == estimate["network"] and configuration.batch_size == planned["batch_size"]
+    assert type(network.encoder).__name__ == "ResidualEncoder"
 
 
 def unet_estimate(configuration: dict) -> float:
