@@ -168,6 +168,7 @@ def test_evaluation_leaves_unannotated_voxels_out_as_nnunet_does(tmp_path):
                  str(tmp_path / "dataset.json"), "-np", "1", "--quiet", "--no-plots"]) == 0
     row = next(csv.DictReader(open(out / "per_case_metrics.csv", newline="")))
     assert not any(key.startswith("ignore") for key in row)
+    assert "nnU-Net's ignore label 3 in the reference) count for no metric" in (out / "report.md").read_text()
     theirs = compute_metrics(str(tmp_path / "gt" / "case_0.nii.gz"), str(tmp_path / "pred" / "case_0.nii.gz"),
                              SimpleITKIO(), [1, (1, 2), 2], ignore_label=IGNORE)["metrics"]
     assert float(row["liver_label1_dice"]) == pytest.approx(theirs[1]["Dice"])

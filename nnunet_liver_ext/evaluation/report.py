@@ -346,6 +346,10 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
         "- Surfaces: boundary voxels (face-connected erosion); ASSD = mean of the pooled distances of both "
         "directions (LiTS); HD95 = max of the two directed 95th percentiles (MONAI, Metrics Reloaded); "
         "surface Dice at " + ", ".join(f"{t:g} mm" for t in s.surface_dice_tolerances_mm) + ".",
+        *([f"- Unannotated voxels (nnU-Net's ignore label {s.ignore_label} in the reference) count for no metric: "
+           "reference and prediction are background there, and a voxel next to them is no surface voxel on that "
+           "side (where the annotation stops is no surface); a mask without an observable surface has NaN "
+           "distances."] if s.ignore_label is not None else []),
         f"- Lesions: connected components with connectivity {s.connectivity} "
         f"({ {1: 6, 2: 18, 3: 26}.get(s.connectivity, '?') }-neighbourhood in 3D) of label(s) "
         f"{list(s.tumor_labels) if s.tumor_labels else 'n/a'}; detected when a predicted component has IoU > "
