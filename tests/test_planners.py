@@ -191,30 +191,35 @@ def test_vram_target_sets_patch_and_batch_from_the_network_estimate(phantom):
 
 
 @pytest.mark.parametrize("size", ["L"])  # M: the next test
-def test_network_planner_on_nnunets_residual_encoder_presets(phantom, size, monkeypatch):
+def test_network_planner_on_nnunets_residual_encoder_presets(phantom, size, monkeypatch, capsys):
     """``nnunet-liver plan --preset stdnet --resenc L``: nnU-Net's ResEnc L planning (ResidualEncoderUNet, its
     reference values and 24 GB target) with STD-Net's estimate, calibrated against that ResidualEncoderUNet;
-    the plans reuse nnU-Net's preprocessed data, and STD-Net builds its residual encoder from them."""
+    the plans reuse nnU-Net's preprocessed data (the command says there is nothing to preprocess), and STD-Net
+    builds its residual encoder from them."""
     import warnings
 
+    from nnunet_liver_ext.cli import main
     from nnunet_liver_ext.trainer_plans.planners import RESENC_PLANNERS, network_planner
 
-    planner = network_planner(PRESETS["stdnet"], size)
-    assert network_planner(PRESETS["stdnet"], size) is planner  # one class per pair
+    assert network_planner(PRESETS["stdnet"], size) is network_planner(PRESETS["stdnet"], size)  # one class per pair
+    for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(phantom["root"] / folder))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        planned = _plan(phantom, planner, None, None)
+        assert main(["plan", "-d", str(DATASET_ID), "--preset", "stdnet", "--resenc", size]) == 0
     # the preset's own target: nnU-Net's planner does not warn of a non-standard gpu_memory_target_in_gb
     assert not [w for w in caught if "gpu_memory_target" in str(w.message)]
     name = f"nnUNetResEncUNet{size}Plans_STDNet"
+    out = capsys.readouterr().out
+    assert f"Train with: nnUNetv2_train {DATASET_ID} 3d_fullres FOLD -tr nnUNetTrainerSTDNet -p {name}" in out
+    assert f"3d_fullres reads the preprocessed data in {phantom['pre'] / 'nnUNetPlans_3d_fullres'}, which is " \
+           f"already there: nothing to preprocess for it" in out and "nnUNetv2_preprocess" not in out
     plans = load_plans(phantom, name)
-    assert plans["configurations"]["3d_fullres"] == json.loads(json.dumps(planned))
+    planned = plans["configurations"]["3d_fullres"]
     arch = planned["architecture"]
     assert arch["network_class_name"].endswith("ResidualEncoderUNet") and "n_blocks_per_stage" in arch["arch_kwargs"]
     assert planned["data_identifier"] == "nnUNetPlans_3d_fullres"
     estimate = planned["vram_estimate"]
-    for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
-        monkeypatch.setenv(var, str(phantom["root"] / folder))
     reference = RESENC_PLANNERS[size](DATASET_ID)
     assert estimate["gpu_memory_target_gb"] == {"M": 8, "L": 24}[size]
     assert estimate["reference"] == {"elements": reference.UNet_reference_val_3d, "batch_size": 2,

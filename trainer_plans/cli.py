@@ -84,9 +84,25 @@ def _plan(args: argparse.Namespace) -> int:
                 preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
             preprocessed.update(_data_identifier(plans, plans_name, c) for c in configurations)
         else:
-            print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c 3d_fullres"
-                  + (" 3d_lowres" if cascade else ""))
+            _print_preprocessing_hint(dataset_id, plans, plans_name, ["3d_fullres"] + (["3d_lowres"] if cascade else []))
     return 0
+
+
+def _print_preprocessing_hint(dataset_id: int, plans: dict, plans_name: str, configurations: list) -> None:
+    """The nnUNetv2_preprocess command for the configurations whose data folder is not there yet; a network
+    planner's 2d and 3d_fullres read nnU-Net's own preprocessed data, which LiTS-size datasets take long to
+    make again."""
+    from nnunet_liver_ext.errors import env_folder
+
+    folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
+    present = [c for c in configurations
+               if any((folder / _data_identifier(plans, plans_name, c)).glob("*.pkl"))]
+    for c in present:
+        print(f"{c} reads the preprocessed data in {folder / _data_identifier(plans, plans_name, c)}, which is "
+              f"already there: nothing to preprocess for it")
+    missing = [c for c in configurations if c not in present]
+    if missing:
+        print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c {' '.join(missing)}")
 
 
 def register(subparsers) -> None:
