@@ -264,3 +264,26 @@ def test_cascade_segmentation_channels_are_never_read_as_phases():
     same, rule = adapt_first_layer(kernel, torch.Size((4, 3 + 2, 3, 3, 3)), 2, source_previous_stage_channels=2)
     torch.testing.assert_close(same, torch.cat((kernel[:, :1].repeat(1, 3, 1, 1, 1) / 3, kernel[:, 1:]), 1))
     assert "segmentation channels copied" in rule
+
+
+def test_a_model_with_as_many_channels_as_a_stage_input_is_not_copied_into_it(nnunet_folders):  # noqa: F811
+    """A stock model on three phases as channels has the shape of STD-Net's cascade phase encoder's first layer
+    (one image channel + two segmentation channels). An nnU-Net checkpoint says it is no cascade stage: its
+    kernel's channel groups are summed into the image channel and the segmentation channels start at zero. A plain
+    state dict does not say, and is copied where the shapes agree (the only reading left)."""
+    from nnunet_liver_ext.networks.transfer import first_layer_keys, plan_transfer
+
+    network = make_cascade_trainer("nnUNetTrainerSTDNet").network
+    first = sorted(first_layer_keys(network))
+    state = network.state_dict()
+    assert state[first[0]].shape[1] == 1 + FOREGROUND_LABELS
+    kernel = torch.randn_like(state[first[0]])
+    source = dict(state, **{key: kernel for key in first})
+    new_state, report = plan_transfer(network, source, source_previous_stage_channels=0)
+    expected = torch.cat((kernel.sum(1, keepdim=True), torch.zeros_like(kernel[:, :FOREGROUND_LABELS])), 1)
+    for key in first:
+        torch.testing.assert_close(new_state[key], expected, msg=key)
+        assert "sum of the kernel's 3 channel groups" in report.adapted[key]
+    unknown, _ = plan_transfer(network, source)
+    for key in first:
+        torch.testing.assert_close(unknown[key], kernel, msg=key)
