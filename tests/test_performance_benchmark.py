@@ -111,3 +111,17 @@ def test_targets_name_the_part_that_puts_a_target_out_of_reach():
     assert f"`nnUNetTrainerSTDNet` FLOP/s eager: {flop_ratio / 1.9:.2f}x stock, target >= 0.8: met." in text
     assert "`nnUNetTrainerSTDNet` inference: 1.50x stock, target <= 2.0: met." in text
     assert "`nnUNetTrainerSTDNet` memory: 1.43x the estimate, target within +-20%: NOT met." in text
+
+
+def test_pointwise_conv_speed_script_compares_both_forms_on_the_same_inputs(tmp_path):
+    """benchmarks/pointwise_conv_speed.py at its CPU size: a row per case with both timings and their ratio, after
+    the check that the product equals the convolution; JSON and Markdown written."""
+    import pointwise_conv_speed
+
+    assert pointwise_conv_speed.main(["--small", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pointwise_conv.json").read_text())
+    assert [r["case"] for r in result["rows"]] == [c[0] for c in pointwise_conv_speed.SMALL_CASES]
+    for row in result["rows"]:
+        assert row["relative_error"] < 1e-4 and row["product_over_convolution"] > 0
+        assert all(row[form][k] > 0 for form in ("convolution", "product") for k in ("forward_ms", "backward_ms"))
+    assert "| PhaseFusion score | 6x32x8x24x24 | 1 |" in (tmp_path / "pointwise_conv.md").read_text()
