@@ -134,10 +134,10 @@ def test_same_trainer_checkpoint_transfers_all_but_segmentation_layers_and_heads
 def _transfer(name, source_path, dataset_json=DATASET_JSON):
     trainer = make_trainer(name, dataset_json)
     network = trainer.network
-    from nnunet_liver_ext.training.pretrained import read_network_weights
+    from nnunet_liver_ext.training.pretrained import read_pretrained
 
     before = _state(network)
-    report = network.load_pretrained_state(read_network_weights(str(source_path)), source=str(source_path))
+    report = network.load_pretrained_state(read_pretrained(str(source_path))[0], source=str(source_path))
     return network, before, _state(network), report
 
 

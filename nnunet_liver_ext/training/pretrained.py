@@ -31,12 +31,6 @@ from nnunet_liver_ext.networks.contract import unwrap_network
 from nnunet_liver_ext.networks.transfer import TransferReport
 
 
-def read_network_weights(fname: str) -> dict:
-    """The network state dict of ``fname``: an nnU-Net checkpoint's ``network_weights``, or a plain state dict
-    (tensor values). A UserError naming the file otherwise."""
-    return read_pretrained(fname)[0]
-
-
 def source_previous_stage_channels(checkpoint: dict) -> Optional[int]:
     """How many input channels of an nnU-Net checkpoint's network are the previous stage's one-hot segmentation
     (nnU-Net's ``determine_num_input_channels``): its foreground labels in a cascade configuration, 0 in any
