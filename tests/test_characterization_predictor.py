@@ -14,7 +14,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_liver_ext.inference.characterization import (AGGREGATION_LESION, AGGREGATION_NO_LESION,
+from nnunet_liver_ext.inference.characterization import (AGGREGATION_LESION, AGGREGATION_NO_LESION, NOT_WRITTEN,
                                                          CharacterizationPredictor, write_case_json,
                                                          write_characterization_csv)
 from nnunet_liver_ext.networks.contract import NetworkOutput
@@ -103,6 +103,86 @@ def test_no_lesion_is_said_plainly_in_case_json_and_csv(tmp_path):
     header, row = (tmp_path / "characterization.csv").read_text().strip().splitlines()
     columns = dict(zip(header.split(","), row.split(",")))
     assert columns["lesion_detected"] == "False" and columns["aggregation"] == AGGREGATION_NO_LESION
+
+
+class BorderGuesses(nn.Module):
+    """Tumor where the input is > 0.5 (the lesion), anywhere in the patch; and a guess of tumor where it
+    is 0.3 (a lesion-like slab) within ``BORDER`` voxels of the patch's first axis ends only, which
+    nnU-Net's Gaussian weighting overrules wherever a neighbouring patch's centre sees the same voxels.
+    A patch that sees the lesion says class A, any other patch says B."""
+
+    BORDER = 3
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, heads=False, lesion_mask=None):
+        image = x[:, :1]
+        near_border = torch.zeros_like(image, dtype=torch.bool)
+        near_border[:, :, :self.BORDER] = near_border[:, :, -self.BORDER:] = True
+        tumor = (image > 0.5) | (near_border & (image - 0.3).abs().lt(0.01))
+        tumor_logit = torch.where(tumor, torch.tensor(10.0), torch.tensor(-10.0))
+        seg = torch.cat([torch.zeros_like(tumor_logit), torch.full_like(tumor_logit, -20.0), tumor_logit], 1)
+        if not heads:
+            return seg
+        sees = (image > 0.5).flatten(1).any(1)
+        return NetworkOutput(seg=seg, cls_logits=torch.stack([torch.where(sees, 3.0, 0.0),
+                                                              torch.where(sees, 0.0, 3.0)], 1))
+
+
+def border_guess_volume(with_lesion: bool):
+    """A slab at first-axis 14..17, at the border of the tiles that start at 16 and the centre of those
+    that start at 0; the lesion (64 voxels) at 40..43, inside every tile that holds it."""
+    x = torch.zeros(1, *VOLUME)
+    x[0, 14:18] = 0.3
+    if with_lesion:
+        x[0, 40:44, 20:24, 20:24] = 1.0
+    return x
+
+
+def test_patches_are_weighted_by_the_combined_segmentation_not_their_own_border_guesses():
+    """Each tile starting at 16 calls 2 x 32 x 32 slab voxels tumor at its border, and says B: weighted by
+    the patches' own segmentations, 18,432 such voxels outvoted the 64-voxel lesion's class A. nnU-Net's
+    combined segmentation has no tumor in the slab, so only the lesion counts."""
+    pr = predictor(BorderGuesses(), plans(BLOCK))
+    result = pr.characterize_preprocessed(border_guess_volume(with_lesion=True))
+    assert result["lesion_detected"] and result["aggregation"] == AGGREGATION_LESION
+    assert result["probabilities"][0] > 0.9
+    logits = pr.predict_sliding_window_return_logits(border_guess_volume(with_lesion=True))
+    assert (logits.argmax(0) == 2).sum() == 64  # the lesion, and no slab voxel
+
+
+def test_border_guesses_alone_are_no_lesion():
+    result = predictor(BorderGuesses(), plans(BLOCK)).characterize_preprocessed(border_guess_volume(False))
+    assert not result["lesion_detected"] and result["aggregation"] == AGGREGATION_NO_LESION
+
+
+def test_padded_image_counts_only_the_image():
+    """A case shorter than the patch on an axis is padded (with 0) before the pass, and the patches' slicers
+    are the padded image's: on the unpadded segmentation they still find the lesion, once per tile."""
+    x = torch.zeros(1, 20, 64, 64)
+    x[0, 8:12, 20:24, 20:24] = 1.0
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    logits = pr.predict_sliding_window_return_logits(x)
+    assert logits.shape[1:] == x.shape[1:]
+    voxels = pr._patch_lesion_voxels(logits)
+    assert len(voxels) == len(pr._patch_slicers) == 9  # one tile on the padded axis, 3 x 3 in-plane
+    assert sorted(voxels.tolist()) == [0.0] * 5 + [64.0] * 4
+
+
+def test_a_lesion_missing_from_the_written_segmentation_is_not_reported_as_detected(tmp_path):
+    """The folds' mean or the resampling to the image's spacing can remove a lesion the folds found."""
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    heads = pr.characterize_preprocessed(volume())
+    assert heads["lesion_detected"]
+    result = pr.case_result("case_0", heads, lesion_voxels=0)
+    assert not result.lesion_detected and result.aggregation == AGGREGATION_LESION + NOT_WRITTEN
+    assert result.probabilities[0] > 0.9  # still the lesion's class
+    write_case_json(str(tmp_path / "case_0.json"), result)
+    written = json.loads((tmp_path / "case_0.json").read_text())
+    assert written["lesion_detected"] is False and "written segmentation has no lesion" in written["note"]
+    assert pr.case_result("case_0", heads, lesion_voxels=5).lesion_detected
 
 
 def test_a_retried_sliding_window_pass_counts_each_tile_once():

@@ -3,16 +3,22 @@
 Sliding-window prediction sees patches; characterization is per case. For every patch the
 network's heads are evaluated together with the segmentation (``net(x, heads=True)``, with the
 same mirroring as the segmentation), and the patch's class logits (and enhancement curve) are
-averaged with weights equal to the number of voxels the segmentation calls lesion in that patch
-(argmax = tumor). Counting voxels rather than summing soft probabilities keeps the weights
-independent of calibration: two million background voxels at p = 1e-4 add nothing, where as a
-soft mass they outweighed a cleanly segmented 512-voxel lesion and flipped the case's class.
-Folds are combined like nnU-Net combines them (mean of logits), over the folds whose
-segmentation found a lesion.
+averaged with weights equal to the number of voxels inside the patch that the pass's segmentation
+calls lesion (argmax = tumor, after nnU-Net has combined the overlapping patches). Counting voxels
+rather than summing soft probabilities keeps the weights independent of calibration: two million
+background voxels at p = 1e-4 add nothing, where as a soft mass they outweighed a cleanly
+segmented 512-voxel lesion and flipped the case's class. Counting them in the combined
+segmentation rather than in each patch's own keeps a patch's low-weight border guess, which the
+Gaussian-weighted combination overrules, from steering the class or declaring a lesion that the
+written segmentation does not have. Folds are combined like nnU-Net combines them (mean of
+logits), over the folds whose segmentation found a lesion.
 
 When no fold predicts any lesion voxel, the heads still give probabilities (the unweighted mean
 over patches), but they do not describe a lesion: ``lesion_detected`` is false, ``aggregation``
-says ``no_lesion_uniform``, and the CSV carries the same two columns.
+says ``no_lesion_uniform``, and the CSV carries the same two columns. ``lesion_detected`` is also
+false when the folds found a lesion but the written segmentation has none (the mean of the folds,
+the resampling to the image's spacing or, in the end-of-training validation, nnU-Net's mirroring
+removed it); ``aggregation`` then says so.
 
 Written next to each ``CASE.nii.gz``: ``CASE.json`` with
 ``{"case", "classes", "probabilities", "predicted_class", "predicted_index", "lesion_detected",
@@ -69,12 +75,18 @@ class CaseCharacterization:
                   "aggregation": self.aggregation}
         if not self.lesion_detected:
             result["note"] = ("no lesion was segmented: the probabilities are the mean over all patches and do "
-                              "not describe a lesion")
+                              "not describe a lesion") if self.aggregation.startswith(AGGREGATION_NO_LESION) else \
+                ("the written segmentation has no lesion: the probabilities describe the lesion that the heads' "
+                 "pass found at the network's resolution, which the written segmentation lost (to the mean of "
+                 "the folds, the resampling to the image's spacing, or in fold_X/validation to nnU-Net's "
+                 "mirroring, which the heads' pass there skips)")
         return result
 
 
 AGGREGATION_LESION = "predicted_lesion_voxels"
 AGGREGATION_NO_LESION = "no_lesion_uniform"
+#: appended to ``aggregation`` when the folds found a lesion that the written segmentation does not have
+NOT_WRITTEN = " (not in the written segmentation)"
 
 
 class CharacterizationPredictor(nnUNetPredictor):
@@ -83,6 +95,7 @@ class CharacterizationPredictor(nnUNetPredictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._patch_records: list = []
+        self._patch_slicers: list = []
         self._fold_records: list = []
         self.last_case: Optional[dict] = None
         # every CASE.json written by this predictor, in order: the caller's table of the run
@@ -136,13 +149,10 @@ class CharacterizationPredictor(nnUNetPredictor):
             if curve is not None:
                 curve = curve + o.curve.float()
         n = len(combos) + 1
-        seg = seg / n
-        tumor, activation = lesion_output(self.label_manager, self.dataset_json)
-        # as nnU-Net turns the logits into the written segmentation: argmax of labels, a region above 0.5
-        lesion_voxels = (seg[:, tumor] > 0).sum() if activation == "sigmoid" else (seg.argmax(1) == tumor).sum()
-        self._patch_records.append((int(lesion_voxels.item()), cls[0].cpu() / n if cls is not None else None,
-                                    curve[0].cpu() / n if curve is not None else None))
-        return seg
+        # kept on the device: the pass is not synchronised per patch
+        self._patch_records.append((cls[0] / n if cls is not None else None,
+                                    curve[0] / n if curve is not None else None))
+        return seg / n
 
     # --- one attempt at a sliding-window pass
     @torch.inference_mode()
@@ -150,6 +160,7 @@ class CharacterizationPredictor(nnUNetPredictor):
         # nnU-Net retries the whole pass with results on the CPU after a RuntimeError (out of memory):
         # the failed attempt's patch records must not count twice
         self._patch_records = []
+        self._patch_slicers = slicers  # in the order nnU-Net predicts the patches
         return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
 
     # --- per fold (one sliding-window pass)
@@ -158,22 +169,34 @@ class CharacterizationPredictor(nnUNetPredictor):
         self._patch_records = []
         logits = super().predict_sliding_window_return_logits(input_image)
         if self.case_heads:
-            self._fold_records.append(self._aggregate_patches(self._patch_records))
+            self._fold_records.append(self._aggregate_patches(self._patch_records, self._patch_lesion_voxels(logits)))
         return logits
 
+    def _patch_lesion_voxels(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` float64: for each patch of the pass, the voxels inside it that the pass's segmentation
+        calls lesion. ``logits`` ``(K, *S)``: the pass's output, the patches combined as nnU-Net combines them."""
+        tumor, activation = lesion_output(self.label_manager, self.dataset_json)
+        # as nnU-Net turns the logits into the written segmentation: argmax of labels, a region above 0.5
+        lesion = (logits[tumor] > 0) if activation == "sigmoid" else (logits.argmax(0) == tumor)
+        # The slicers are the padded image's. nnU-Net pads only an axis shorter than the patch, which then has
+        # one tile, from 0 to the patch size: on the unpadded mask that slice is the whole axis.
+        return torch.stack([lesion[s[1:]].sum() for s in self._patch_slicers]).double().cpu()
+
     @staticmethod
-    def _aggregate_patches(records) -> dict:
-        """Patch heads weighted by the patch's predicted lesion voxels; uniform when there are none."""
-        voxels = torch.tensor([r[0] for r in records], dtype=torch.float64)
+    def _aggregate_patches(records, voxels: torch.Tensor) -> dict:
+        """Patch heads weighted by ``voxels`` ``(P,)``, the lesion voxels in each patch; uniform when there
+        are none."""
+        if len(records) != len(voxels):
+            raise RuntimeError(f"{len(records)} patch predictions for {len(voxels)} patches")
         detected = bool(voxels.sum() > 0)
         weights = voxels / voxels.sum() if detected else torch.full_like(voxels, 1.0 / len(records))
 
         def weighted_mean(index: int) -> Optional[torch.Tensor]:
             if records[0][index] is None:
                 return None
-            return sum(w * r[index].double() for w, r in zip(weights, records))
+            return weights @ torch.stack([r[index] for r in records]).double().cpu()
 
-        return {"cls_logits": weighted_mean(1), "curve": weighted_mean(2), "lesion_detected": detected}
+        return {"cls_logits": weighted_mean(0), "curve": weighted_mean(1), "lesion_detected": detected}
 
     # --- per case (all folds)
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
@@ -207,12 +230,17 @@ class CharacterizationPredictor(nnUNetPredictor):
                 "aggregation": aggregation}
 
     def case_result(self, case: str, heads: dict, lesion_voxels: Optional[int] = None) -> CaseCharacterization:
+        """The case's record; ``lesion_voxels``: the tumor voxels of the segmentation written beside it, which
+        decides ``lesion_detected`` when given."""
+        detected, aggregation = heads["lesion_detected"], heads["aggregation"]
+        if detected and lesion_voxels == 0:
+            detected, aggregation = False, aggregation + NOT_WRITTEN
         return CaseCharacterization(case=case, classes=self.case_classes if heads["probabilities"] else [],
                                     probabilities=heads["probabilities"] or [],
-                                    lesion_detected=heads["lesion_detected"], lesion_voxels=lesion_voxels,
+                                    lesion_detected=detected, lesion_voxels=lesion_voxels,
                                     enhancement_curve=heads["curve"],
                                     phases=liver_ext_block(self.plans_manager.plans).get("phases"),
-                                    aggregation=heads["aggregation"])
+                                    aggregation=aggregation)
 
     def written_lesion_voxels(self, segmentation_file: str) -> int:
         """Tumor voxels of a segmentation nnU-Net wrote (label values, the source image's grid)."""
