@@ -14,7 +14,7 @@ import torch
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
 from nnunet_helpers import CPU_DEMO_PLANS as PLANS
-from nnunet_helpers import predict_held_out, run, tiny_trained_workspace
+from nnunet_helpers import predict_held_out, run, tiny_trained_workspace, train
 
 DATASET_ID = 911
 TRAINER = "nnUNetTrainerSTDNet_tiny"
@@ -39,10 +39,26 @@ def test_training_writes_checkpoint_validation_and_case_jsons(workspace):
         assert abs(sum(result["probabilities"]) - 1) < 1e-5
         assert result["predicted_class"] == classes[result["predicted_index"]]
         assert result["lesion_voxels"] == _tumor_voxels(fold / "validation" / f"{case}.nii.gz")
-        assert result["lesion_detected"] in (True, False)
+        assert result["lesion_detected"] == (result["lesion_voxels"] > 0)
     assert (fold / "validation" / "characterization.csv").is_file()
     assert "Characterization on validation: accuracy" in workspace["train_log"]
     assert "train terms (weighted): seg_loss" in workspace["train_log"]
+
+
+@pytest.mark.parametrize("checkpoint", ["--val", "--val_best"])
+def test_validation_only_rewrites_the_same_validation(workspace, checkpoint):
+    """``nnUNetv2_train ... --val [--val_best] --npz``: nnU-Net loads the final (best) checkpoint and
+    validates again; the trainer writes the same CASE.json files and CSV as at the end of training (the
+    tiny schedule's one epoch makes the best checkpoint the final one's network)."""
+    validation = workspace["model"] / "fold_0" / "validation"
+    before = {p.name: p.read_bytes() for p in validation.glob("*") if p.suffix in (".json", ".csv")}
+    args = ["--val", "--npz"] + (["--val_best"] if checkpoint == "--val_best" else [])
+    train(DATASET_ID, 0, TRAINER, PLANS, workspace["env"], workspace["root"], extra=args)
+    after = {p.name: p.read_bytes() for p in validation.glob("*") if p.suffix in (".json", ".csv")}
+    assert after.keys() == before.keys() and "summary.json" in after and "characterization.csv" in after
+    for name in before:
+        assert after[name] == before[name], name
+    assert len(list(validation.glob("*.npz"))) == len(list(validation.glob("*.nii.gz"))) > 0
 
 
 def _tumor_voxels(segmentation: Path) -> int:
@@ -58,6 +74,7 @@ def test_prediction_with_stock_and_characterization_predictor(workspace, command
         if has_json:  # the count describes the segmentation written beside it
             result = json.loads((out / f"{case}.json").read_text())
             assert result["lesion_voxels"] == _tumor_voxels(out / f"{case}.nii.gz")
+            assert result["lesion_detected"] == (result["lesion_voxels"] > 0)
     if command == "nnunet-liver":
         rows = (out / "characterization.csv").read_text().strip().splitlines()
         assert rows[0].startswith("case,predicted_class,prob_") and len(rows) == len(cases) + 1
