@@ -15,7 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_liver_ext.inference.characterization import (AGGREGATION_LESION, AGGREGATION_NO_LESION, NOT_WRITTEN,
-                                                         CharacterizationPredictor, write_case_json,
+                                                         CharacterizationPredictor, argmax_is, write_case_json,
                                                          write_characterization_csv)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.std_net import STDNet
@@ -183,6 +183,13 @@ def test_a_lesion_missing_from_the_written_segmentation_is_not_reported_as_detec
     written = json.loads((tmp_path / "case_0.json").read_text())
     assert written["lesion_detected"] is False and "written segmentation has no lesion" in written["note"]
     assert pr.case_result("case_0", heads, lesion_voxels=5).lesion_detected
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, -1])
+def test_argmax_is_equals_argmax_including_ties(index):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (3, 6, 7, 8), generator=generator).half()  # many ties
+    assert torch.equal(argmax_is(logits, index), logits.argmax(0) == index % 3)
 
 
 def test_a_retried_sliding_window_pass_counts_each_tile_once():

@@ -177,7 +177,7 @@ class CharacterizationPredictor(nnUNetPredictor):
         calls lesion. ``logits`` ``(K, *S)``: the pass's output, the patches combined as nnU-Net combines them."""
         tumor, activation = lesion_output(self.label_manager, self.dataset_json)
         # as nnU-Net turns the logits into the written segmentation: argmax of labels, a region above 0.5
-        lesion = (logits[tumor] > 0) if activation == "sigmoid" else (logits.argmax(0) == tumor)
+        lesion = (logits[tumor] > 0) if activation == "sigmoid" else argmax_is(logits, tumor)
         # The slicers are the padded image's. nnU-Net pads only an axis shorter than the patch, which then has
         # one tile, from 0 to the patch size: on the unpadded mask that slice is the whole axis.
         return torch.stack([lesion[s[1:]].sum() for s in self._patch_slicers]).double().cpu()
@@ -294,6 +294,19 @@ class CharacterizationPredictor(nnUNetPredictor):
                                            else os.path.dirname(previous_stage_segmentation))
         if self.case_heads:
             self._write_case_json(ofile, self.last_case, self.dataset_json["file_ending"])
+
+
+def argmax_is(logits: torch.Tensor, index: int) -> torch.Tensor:
+    """``logits.argmax(0) == index`` (ties to the first maximum, as argmax) for ``logits`` ``(K, *S)``, as a
+    bool ``(*S)`` built from comparisons: argmax's int64 map of a whole case takes 8 bytes a voxel, more
+    than nnU-Net's fp16 logits of three labels (6), on the GPU."""
+    index %= logits.shape[0]
+    chosen = logits[index]
+    result = torch.ones(chosen.shape, dtype=torch.bool, device=chosen.device)
+    for other in range(logits.shape[0]):
+        if other != index:
+            result &= chosen > logits[other] if other < index else chosen >= logits[other]
+    return result
 
 
 def write_case_json(path: str, result: CaseCharacterization) -> None:
