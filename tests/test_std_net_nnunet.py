@@ -45,15 +45,13 @@ def test_training_writes_checkpoint_validation_and_case_jsons(workspace):
     assert "train terms (weighted): seg_loss" in workspace["train_log"]
 
 
-@pytest.mark.parametrize("checkpoint", ["--val", "--val_best"])
-def test_validation_only_rewrites_the_same_validation(workspace, checkpoint):
-    """``nnUNetv2_train ... --val [--val_best] --npz``: nnU-Net loads the final (best) checkpoint and
-    validates again; the trainer writes the same CASE.json files and CSV as at the end of training (the
-    tiny schedule's one epoch makes the best checkpoint the final one's network)."""
+def test_validation_only_rewrites_the_same_validation(workspace):
+    """``nnUNetv2_train ... --val --val_best --npz``: nnU-Net loads the final checkpoint, then the best one,
+    and validates again; the trainer writes the same CASE.json files and CSV as at the end of training
+    (the tiny schedule's one epoch makes the best checkpoint the final one's network)."""
     validation = workspace["model"] / "fold_0" / "validation"
     before = {p.name: p.read_bytes() for p in validation.glob("*") if p.suffix in (".json", ".csv")}
-    args = ["--val", "--npz"] + (["--val_best"] if checkpoint == "--val_best" else [])
-    train(DATASET_ID, 0, TRAINER, PLANS, workspace["env"], workspace["root"], extra=args)
+    train(DATASET_ID, 0, TRAINER, PLANS, workspace["env"], workspace["root"], extra=["--val", "--val_best", "--npz"])
     after = {p.name: p.read_bytes() for p in validation.glob("*") if p.suffix in (".json", ".csv")}
     assert after.keys() == before.keys() and "summary.json" in after and "characterization.csv" in after
     for name in before:
