@@ -33,6 +33,7 @@ setup(
         "matplotlib",
         "tqdm",
         "scikit-learn",
+        "filelock",  # torch's own dependency
     ],
     extras_require={
         # mamba-ssm ships as an sdist with a CUDA extension; never a CPU dependency.

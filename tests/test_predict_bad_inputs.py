@@ -11,6 +11,7 @@ list of failed cases, and leave nothing in the output folder for the failed ones
 
 Then the failure nnU-Net itself meets (a file that went bad after the check): nnU-Net's parallel
 run stops, the cases are predicted one by one, and only the bad one is lost, with no partial file.
+And the same folder split between two ``-num_parts 2`` calls that run at the same time.
 """
 import gzip
 import json
@@ -111,6 +112,32 @@ def predict(workspace, folder, out, *extra):
            "--disable_tta", "--disable_progress_bar", *extra]
     return subprocess.run(cmd, env=workspace["env"], cwd=workspace["root"], capture_output=True, text=True,
                           timeout=900)
+
+
+@pytest.mark.slow
+def test_parts_run_at_the_same_time_into_one_folder(workspace):
+    """``-num_parts 2 -part_id 0|1``, both at once into one -o (as on two GPUs): every good case is
+    predicted by exactly one part, each part reports the other's bad cases never, and the folder's table
+    holds the rows of both parts."""
+    folder = build_bad_input_folder(workspace["dataset"], workspace["root"] / "parts_inputs")
+    out = workspace["root"] / "pred_parts"
+    cases = sorted({p.name[:-len("_0000.nii.gz")] for p in folder.glob("*_0000.nii.gz")})
+    cmds = [[str(BIN / "nnunet-liver"), "predict", "-i", str(folder), "-o", str(out), "-d", str(DATASET_ID),
+             "-c", "3d_fullres", "-p", PLANS, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "--disable_tta", "--disable_progress_bar", "-num_parts", "2", "-part_id", str(part)] for part in (0, 1)]
+    procs = [subprocess.Popen(cmd, env=workspace["env"], cwd=workspace["root"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    logs = [proc.communicate(timeout=900) for proc in procs]
+    for part, ((stdout, stderr), proc) in enumerate(zip(logs, procs)):
+        mine = cases[part::2]
+        assert f"part {part} of 2: {len(mine)} of the {len(cases)} cases" in stdout, stdout[-2000:]
+        named = {line.split("case ")[1].split(":")[0] for line in stderr.splitlines() if "input error: case" in line}
+        assert named == set(mine) - set(GOOD), stderr[-3000:]
+        assert proc.returncode == (1 if named else 0)
+    for case in GOOD:
+        assert json.loads((out / f"{case}.json").read_text())["case"] == case
+    rows = (out / "characterization.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == GOOD
 
 
 @pytest.mark.slow  # the training fixture alone takes 1.5-2 minutes on 2 cores

@@ -259,3 +259,77 @@ def test_the_command_on_bad_cases_only_names_them_and_stops_before_loading_the_m
     assert "2 of 2 case(s) were not predicted" in proc.stderr
     assert sorted(os.listdir(out)) == ["characterization.csv", "keep.nii.gz"]
     assert (out / "characterization.csv").read_text().split() == ["case,predicted_class", "keep,A"]
+
+
+def _write_rows_in_a_process(path, first, count):
+    from nnunet_liver_ext.inference.characterization import CaseCharacterization, write_characterization_csv
+
+    for k in range(first, first + count):
+        write_characterization_csv(path, [CaseCharacterization(f"case_{k:03d}", ["A", "B"], [0.7, 0.3], True, 12,
+                                                               None, None, "predicted_lesion_voxels")])
+
+
+def test_csv_writers_that_run_at_the_same_time_keep_each_others_rows(tmp_path, monkeypatch):
+    """What two ``-part_id`` runs into one folder do at their ends: each reads the table, adds its rows and
+    writes it back. Without the lock, a row written between another writer's read and write is lost; a
+    pause before each write (a large table, a slow file system) makes that window wide."""
+    import multiprocessing
+    import time
+
+    from nnunet_liver_ext.inference import characterization
+
+    write_rows = characterization._write_rows
+
+    def slow_write_rows(*args):
+        time.sleep(0.02)
+        write_rows(*args)
+
+    monkeypatch.setattr(characterization, "_write_rows", slow_write_rows)  # the forked writers inherit it
+    path = str(tmp_path / "characterization.csv")
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_rows_in_a_process, args=(path, 100 * w, 15)) for w in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    rows = open(path).read().split()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == [f"case_{100 * w + k:03d}" for w in range(3) for k in range(15)]
+    assert sorted(os.listdir(tmp_path)) == ["characterization.csv"]  # the lock lies elsewhere
+
+
+def test_the_parts_are_nnunets_split_of_the_sorted_cases(tmp_path):
+    """``-num_parts 3 -part_id 1`` checks (and would predict) the cases nnUNetv2_predict's part 1 of 3 takes;
+    all bad here, so the command names exactly those and stops before loading the model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    model = tmp_path / "res" / "Dataset915_Parts" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in ("c", "a", "e", "b", "g", "d", "f"):
+        write_case(images, case, [image(), image()])  # a channel missing: bad
+    expected = [os.path.basename(files[0])[:-len("_0000.nii.gz")] for files in
+                create_lists_from_splitted_dataset_folder(str(images), ".nii.gz")[1::3]]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "pre").mkdir()
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    command = [str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
+               str(tmp_path / "pred"), "-d", "915", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny", "-f", "0",
+               "-device", "cpu", "-num_parts", "3", "-part_id", "1"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "part 1 of 3: 2 of the 7 cases" in proc.stdout
+    named = [line.split("case ")[1].split(":")[0] for line in proc.stderr.splitlines() if "input error: case" in line]
+    assert expected == ["b", "e"] and sorted(set(named)) == expected
+    bad = subprocess.run(command[:-4] + ["-num_parts", "2", "-part_id", "2"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "the parts are numbered 0 to num_parts - 1" in bad.stderr

@@ -29,15 +29,18 @@ per folder. ``lesion_voxels`` is the tumor voxel count of the segmentation file 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
 import numpy as np
 import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from filelock import FileLock
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
@@ -315,8 +318,17 @@ def write_case_json(path: str, result: CaseCharacterization) -> None:
 
 
 def write_characterization_csv(path: str, results: List[CaseCharacterization], drop: Iterable[str] = ()) -> None:
-    """One row per case; rows of cases already in an existing table (continued predictions) are kept,
-    except those of the cases in ``drop`` (cases whose prediction failed: their files are gone)."""
+    """One row per case; rows of cases already in an existing table (continued predictions, or the other
+    parts of a ``-num_parts`` run) are kept, except those of the cases in ``drop`` (cases whose prediction
+    failed: their files are gone). The table is read and rewritten under a lock, so calls on this machine
+    that end at the same time keep each other's rows; the lock file lies in the temporary folder, named
+    after the table's path, rather than among the predictions."""
+    key = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:16]
+    with FileLock(os.path.join(tempfile.gettempdir(), f"nnunet-liver-{key}.lock")):
+        _update_characterization_csv(path, results, drop)
+
+
+def _update_characterization_csv(path: str, results: List[CaseCharacterization], drop: Iterable[str]) -> None:
     rows, old_fields = {}, None
     if os.path.isfile(path):
         with open(path, newline="") as f:

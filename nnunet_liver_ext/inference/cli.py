@@ -1,6 +1,7 @@
 """``nnunet-liver predict``: ``nnUNetv2_predict`` plus per-case characterization.
 
-Same options as ``nnUNetv2_predict`` (-i -o -d -c -p -tr -f -chk -step_size --disable_tta ...);
+Same options as ``nnUNetv2_predict`` (-i -o -d -c -p -tr -f -chk -step_size --disable_tta
+-num_parts -part_id ...);
 segmentations are nnU-Net's own, and next to each ``CASE.nii.gz`` comes ``CASE.json`` (class
 probabilities and predicted class, the enhancement curve where the method has one), plus
 ``characterization.csv`` for the folder. Folds are averaged like the segmentation.
@@ -27,6 +28,9 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
     if args.npp < 1 or args.nps < 1:
         raise UserError("nnunet-liver predict needs -npp >= 1 and -nps >= 1 (nnU-Net's sequential mode bypasses "
                         "the per-case hook that writes CASE.json)", "-npp 1 -nps 1")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise UserError(f"-num_parts {args.num_parts} -part_id {args.part_id}: the parts are numbered 0 to "
+                        f"num_parts - 1", "e.g. two GPUs: -num_parts 2, and -part_id 0 on one, -part_id 1 on the other")
     if not os.path.isdir(args.i):
         raise UserError(f"input folder {args.i} does not exist",
                         "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
@@ -126,6 +130,10 @@ def _cases_to_predict(args: argparse.Namespace, dataset_json: dict):
         raise UserError(f"no image files of nnU-Net's form CASE_0000{ending} in {args.i}{found}",
                         "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
     cases = sorted(grouped)
+    if args.num_parts > 1:  # nnU-Net's split: the sorted cases, every num_parts-th from part_id
+        print(f"part {args.part_id} of {args.num_parts}: {len(cases[args.part_id::args.num_parts])} of the "
+              f"{len(cases)} cases in {args.i}")
+        cases = cases[args.part_id::args.num_parts]
     skipped = []
     if args.continue_prediction:
         def done(case):
@@ -260,4 +268,10 @@ def register(subparsers) -> None:
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
     p.add_argument("--disable_progress_bar", action="store_true")
     p.add_argument("--not_on_device", action="store_true", help="keep results arrays on the CPU")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="number of nnunet-liver predict calls sharing the cases (one per GPU, each with its own "
+                        "CUDA_VISIBLE_DEVICES); default 1: this call predicts every case")
+    p.add_argument("-part_id", type=int, default=0,
+                   help="which of the -num_parts calls this is, 0 to num_parts - 1; the calls may run at the same "
+                        "time into the same -o")
     p.set_defaults(func=_predict)
