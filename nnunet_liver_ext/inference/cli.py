@@ -131,9 +131,9 @@ def _cases_to_predict(args: argparse.Namespace, dataset_json: dict):
                         "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
     cases = sorted(grouped)
     if args.num_parts > 1:  # nnU-Net's split: the sorted cases, every num_parts-th from part_id
-        print(f"part {args.part_id} of {args.num_parts}: {len(cases[args.part_id::args.num_parts])} of the "
-              f"{len(cases)} cases in {args.i}")
-        cases = cases[args.part_id::args.num_parts]
+        part = cases[args.part_id::args.num_parts]
+        print(f"part {args.part_id} of {args.num_parts}: {len(part)} of the {len(cases)} cases in {args.i}")
+        cases = part
     skipped = []
     if args.continue_prediction:
         def done(case):
