@@ -307,3 +307,11 @@ def test_the_tumor_label_for_lesion_metrics_goes_by_the_trainers_names():
     sparse = settings_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "ignore": 3}})
     assert sparse.ignore_label == 3 and sparse.tumor_labels == (2,)
     assert settings_from_dataset_json({"labels": {"background": 0, "liver": 1}}).tumor_labels is None
+
+
+def test_a_fold_listed_twice_is_refused():
+    """Its cases would be counted twice: n doubled, every interval too narrow."""
+    from nnunet_liver_ext.evaluation.benchmark import collect_benchmark
+
+    with pytest.raises(ValueError, match=r"fold list has duplicates: \[0, 1, 0\]"):
+        collect_benchmark("Dataset999_Any", "3d_fullres", ["nnUNetTrainer"], folds=[0, 1, 0])

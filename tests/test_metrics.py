@@ -183,6 +183,14 @@ def test_label_map_regions_keep_both_liver_definitions_apart():
     assert [r.labels for r in other] == [(1,)]
 
 
+@pytest.mark.parametrize("tumor_name", ["cancer", "lesion"])
+def test_liver_with_a_tumor_named_otherwise_gets_both_liver_definitions(tumor_name):
+    """nnU-Net's own MSD Task03 conversion keeps 'cancer': label 1 alone must not be reported as 'liver'."""
+    regions = metrics.regions_from_labels({"background": 0, "liver": 1, tumor_name: 2})
+    assert [(r.key, r.labels) for r in regions] == [("liver_region", (1, 2)), ("liver_label1", (1,)), ("tumor", (2,))]
+    assert regions[2].display == f"{tumor_name} (label 2)"
+
+
 def test_bad_arguments_are_rejected():
     a = np.zeros((4, 4, 4), bool)
     with pytest.raises(ValueError, match="shape"):
@@ -358,6 +366,18 @@ def test_classification_auc_edge_cases():
     assert math.isnan(single["auc_ovr_macro"])
     with pytest.raises(ValueError, match="shape"):
         characterization.classification_metrics([0, 1], probs, ["benign", "malignant"])
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_auc_with_a_class_absent_is_one_vs_rest_on_the_raw_columns(classes):
+    """A small fold often has no case of some class: each present class is still scored against the rest on
+    its own probability column (renormalising the present columns changed the ranking: 0.4 against 0.3)."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(classes), size=14)
+    y_true = rng.integers(0, 2, size=14)  # classes 0 and 1 only
+    out = characterization.classification_metrics(y_true, probs, [f"c{k}" for k in range(classes)])
+    expected = np.mean([sk_metrics.roc_auc_score(y_true == c, probs[:, c]) for c in (0, 1)])
+    assert out["auc_ovr_macro"] == pytest.approx(expected)
 
 
 def test_regression_mae_matches_sklearn():

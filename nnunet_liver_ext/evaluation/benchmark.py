@@ -342,6 +342,8 @@ def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str],
         raise ValueError("no trainer given")
     if len(set(trainers)) != len(trainers):
         raise ValueError(f"trainer list has duplicates: {list(trainers)}")
+    if len(set(folds)) != len(folds):  # a case counted twice would narrow every interval
+        raise ValueError(f"fold list has duplicates: {list(folds)}")
     trainers = list(trainers)
     dataset_name = resolve_dataset(dataset)
     preprocessed = _env_folder("nnUNet_preprocessed") / dataset_name

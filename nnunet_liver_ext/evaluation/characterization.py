@@ -50,14 +50,10 @@ def classification_metrics(y_true: Sequence[int], probabilities: np.ndarray, cla
     elif k == 2:
         auc = float(roc_auc_score(y_true, probabilities[:, 1]))
     else:
-        # Macro over the classes present; the probabilities are renormalised over them so
-        # sklearn's multi-class check (rows sum to 1) holds when a class has no true case.
-        sub = probabilities[:, present]
-        sub = sub / np.clip(sub.sum(axis=1, keepdims=True), 1e-12, None)
-        remap = {c: i for i, c in enumerate(present)}
-        y_sub = np.array([remap[c] for c in y_true])
-        auc = float(roc_auc_score(y_sub, sub, multi_class="ovr", average="macro")) if present.size > 2 \
-            else float(roc_auc_score(y_sub, sub[:, 1]))
+        # each present class against the rest on its own probability column, then the mean: sklearn's
+        # multi_class="ovr" needs every class present; renormalising the present columns instead would
+        # change each class's ranking (p_c / sum of the present p is not p_c)
+        auc = float(np.mean([roc_auc_score(y_true == c, probabilities[:, c]) for c in present]))
     with warnings.catch_warnings():
         # a predicted class with no true case is legitimate here (small validation folds)
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")

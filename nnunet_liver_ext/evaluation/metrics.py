@@ -56,7 +56,7 @@ import numpy as np
 from scipy.ndimage import binary_erosion, generate_binary_structure
 from scipy.spatial import cKDTree
 
-from nnunet_liver_ext.dataset_json import IGNORE_NAME
+from nnunet_liver_ext.dataset_json import IGNORE_NAME, TUMOR_NAMES, named_tumor
 
 NAN = float("nan")
 
@@ -104,17 +104,20 @@ DEFAULT_REGIONS = (LIVER_REGION, LIVER_LABEL1, TUMOR)
 def regions_from_labels(labels: Mapping[str, int | Sequence[int]] | None) -> tuple[Region, ...]:
     """Regions to evaluate for a dataset.json ``labels`` dict.
 
-    With the LiTS schema (liver=1, tumor=2) both liver definitions and the tumor are
-    returned. Any other schema gets one region per foreground entry (nnU-Net region entries,
-    given as lists of label values, become unions). nnU-Net's ignore label is no region: its
-    voxels are left out of every metric (``benchmark.compute_case``).
+    With the LiTS schema (liver=1, tumor=2; the tumor may be named like MSD's ``cancer`` or ``lesion``,
+    ``dataset_json.TUMOR_NAMES``) both liver definitions and the tumor are returned. Any other schema gets
+    one region per foreground entry (nnU-Net region entries, given as lists of label values, become
+    unions). nnU-Net's ignore label is no region: its voxels are left out of every metric
+    (``benchmark.compute_case``).
     """
     if labels is None:
         return DEFAULT_REGIONS
     if not isinstance(labels, Mapping):
         raise TypeError(f"dataset.json 'labels' must be a dict name -> value, got {type(labels).__name__}")
-    if labels.get("liver") == 1 and labels.get("tumor") == 2:
-        return DEFAULT_REGIONS
+    if labels.get("liver") == 1 and named_tumor(labels) == 2:
+        tumor_name = next(name for name in TUMOR_NAMES if name in labels)
+        return DEFAULT_REGIONS if tumor_name == TUMOR.key else \
+            (LIVER_REGION, LIVER_LABEL1, Region(TUMOR.key, TUMOR.labels, f"{tumor_name} (label 2)"))
     regions = []
     for name, value in labels.items():
         if name == IGNORE_NAME:
