@@ -75,7 +75,8 @@ def _model(args):
     """Model folder and folds, through the same checks (and messages) as ``nnunet-liver predict``."""
     from nnunet_liver_ext.inference.cli import _check_model
 
-    ns = argparse.Namespace(i=args.i, d=args.d, tr=args.tr, p=args.p, c=args.c, f=args.f, chk=args.chk, npp=1, nps=1)
+    ns = argparse.Namespace(i=args.i, d=args.d, tr=args.tr, p=args.p, c=args.c, f=args.f, chk=args.chk, npp=1, nps=1,
+                            step_size=0.5, num_parts=1, part_id=0, prev_stage_predictions=None)
     return _check_model(ns)
 
 

@@ -15,8 +15,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_liver_ext.inference.characterization import (AGGREGATION_LESION, AGGREGATION_NO_LESION, NOT_WRITTEN,
-                                                         CharacterizationPredictor, argmax_is, write_case_json,
-                                                         write_characterization_csv)
+                                                         ONLY_WRITTEN, CharacterizationPredictor, argmax_is,
+                                                         write_case_json, write_characterization_csv)
 from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.std_net import STDNet
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
@@ -183,6 +183,16 @@ def test_a_lesion_missing_from_the_written_segmentation_is_not_reported_as_detec
     written = json.loads((tmp_path / "case_0.json").read_text())
     assert written["lesion_detected"] is False and "written segmentation has no lesion" in written["note"]
     assert pr.case_result("case_0", heads, lesion_voxels=5).lesion_detected
+
+
+def test_a_lesion_only_in_the_written_segmentation_is_reported_as_detected(tmp_path):
+    """Two folds that each call a voxel liver (logits [2, 0, 1.5] and [0, 2, 1.5]) average to tumor."""
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    heads = pr.characterize_preprocessed(volume(with_lesion=False))
+    result = pr.case_result("case_0", heads, lesion_voxels=12)
+    assert result.lesion_detected and result.aggregation == AGGREGATION_NO_LESION + ONLY_WRITTEN
+    write_case_json(str(tmp_path / "case_0.json"), result)
+    assert "do not describe it" in json.loads((tmp_path / "case_0.json").read_text())["note"]
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, -1])

@@ -219,6 +219,45 @@ def test_a_case_that_fails_inside_nnunet_costs_that_case_alone(workspace, monkey
 
 
 @pytest.mark.slow
+def test_a_failure_of_every_case_is_the_runs_and_keeps_earlier_outputs(workspace, monkeypatch):
+    """A device failure (here the network raising CUDA's error on every forward) fails every case: the run
+    is reported as failed, and the output folder keeps an earlier run's files of these cases untouched."""
+    import torch
+
+    from nnunet_liver_ext.inference.batch import predict_cases
+    from nnunet_liver_ext.inference.characterization import CharacterizationPredictor
+    from nnunet_liver_ext.inference.inputs import check_input_folder
+
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, workspace["env"][key])
+    torch.set_num_threads(1)
+    folder = workspace["dataset"] / "imagesTs"
+    check = check_input_folder(str(folder), json.loads((workspace["model"] / "dataset.json").read_text()))
+    out = workspace["root"] / "pred_run_failed"
+    out.mkdir()
+    earlier = {}
+    for case in check.good:
+        for suffix in (".nii.gz", ".json"):
+            (out / f"{case.case}{suffix}").write_text(f"an earlier run of {case.case}")
+            earlier[f"{case.case}{suffix}"] = f"an earlier run of {case.case}"
+
+    predictor = CharacterizationPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                          perform_everything_on_device=False, device=torch.device("cpu"),
+                                          allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(workspace["model"]), [0], "checkpoint_final.pth")
+
+    def device_failure(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(predictor.network, "forward", device_failure)
+    result = predict_cases(predictor, check.good, str(out), num_processes_preprocessing=1,
+                           num_processes_segmentation_export=1)
+    assert result.run_failed and not result.predicted and len(result.failed) == len(check.good) == 2
+    assert all("illegal memory access" in why for why in result.failed.values())
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
+
+
+@pytest.mark.slow
 def test_misregistration_robustness_script(workspace, tmp_path):
     """benchmarks/misregistration_robustness.py on the tiny model: at scale 0 the phases are copied
     unchanged and the Dice change is exactly 0; at scale 1 every motion is within the bounds, the

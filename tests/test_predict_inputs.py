@@ -333,3 +333,53 @@ def test_the_parts_are_nnunets_split_of_the_sorted_cases(tmp_path):
     bad = subprocess.run(command[:-4] + ["-num_parts", "2", "-part_id", "2"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "the parts are numbered 0 to num_parts - 1" in bad.stderr
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["-prev_stage_predictions", "somewhere"], "is no stage of nnU-Net's cascade"),
+    (["-step_size", "0"], "-step_size 0.0: the sliding window's step is a fraction of the patch"),
+])
+def test_options_that_would_fail_every_case_are_refused_first(tmp_path, extra, words):
+    """nnU-Net would fail inside every case; the command says why before loading the model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "res" / "Dataset916_Options" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
+    images = tmp_path / "images"
+    images.mkdir()
+    good_case(images, "a")
+    for name in ("raw", "pre"):
+        (tmp_path / name).mkdir()
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
+                           str(tmp_path / "pred"), "-d", "916", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny",
+                           "-f", "0", "-device", "cpu", *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "pred").exists()
+
+
+def test_staging_of_another_machine_is_left_alone(tmp_path):
+    """-part_id calls on two nodes share the output folder; a pid of another machine says nothing here."""
+    from nnunet_liver_ext.inference.batch import staging_owner
+
+    dead = subprocess_dead_pid()
+    (tmp_path / f"{STAGING_PREFIX}{dead}@some_other_node-abc").mkdir()
+    host = staging_owner().split("@", 1)[1]
+    (tmp_path / f"{STAGING_PREFIX}{dead}@{host}-def").mkdir()
+    remove_abandoned_staging(str(tmp_path))
+    assert os.listdir(tmp_path) == [f"{STAGING_PREFIX}{dead}@some_other_node-abc"]
+
+
+def subprocess_dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)

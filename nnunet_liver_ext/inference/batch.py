@@ -6,17 +6,24 @@ export pool is terminated, possibly in the middle of writing a file; ``--continu
 would then take that half-written file for a finished case.
 
 Here every output is written into a private staging folder inside the output folder first
-(``.nnunet-liver-partial-<pid>-*``, same file system) and moved into place with ``os.replace``
+(``.nnunet-liver-partial-<pid>@<host>-*``, same file system) and moved into place with ``os.replace``
 only once the case's files are complete and its segmentation reads back. The cases go through
 nnU-Net's own parallel pipeline (``predict_from_files``) in one run; if that run fails, each case
 is predicted again on its own in this process (``CharacterizationPredictor.predict_case_in_process``),
 so only the case that fails again is lost, with its error. The staging folder is removed at the end,
-also after Ctrl-C; one left by a killed process is removed by the next run in the same folder.
+also after Ctrl-C; one left by a killed process is removed by the next run on the same machine in the
+same folder (another machine's, e.g. another node's ``-part_id`` on a shared file system, is left alone:
+its process cannot be looked up from here).
+
+When every case fails inside nnU-Net and none is predicted, the failure is the run's (a CUDA error, a
+wrong model), not the cases': nothing in the output folder is touched, where a case-specific failure
+removes that case's outputs of an earlier run, which would no longer match.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 from nnunet_liver_ext.inference.inputs import CaseInput, short_error
 
 STAGING_PREFIX = ".nnunet-liver-partial-"
+PREDICTION_FAILED = "prediction failed"
 # what nnU-Net writes into an output folder besides the cases: kept from the last run
 RUN_FILES = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
 
@@ -57,24 +65,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def staging_owner() -> str:
+    """``<pid>@<host>``: whose staging folder it is (host without ``-``, which ends the owner in the name)."""
+    return f"{os.getpid()}@{socket.gethostname().replace('-', '_')}"
+
+
 def remove_abandoned_staging(output_folder: str) -> None:
-    """Staging folders of runs whose process is gone (killed: its ``finally`` never ran)."""
+    """Staging folders of this machine's runs whose process is gone (killed: its ``finally`` never ran)."""
     if not os.path.isdir(output_folder):
         return
+    here = staging_owner().split("@", 1)[1]
     for name in os.listdir(output_folder):
         if not name.startswith(STAGING_PREFIX):
             continue
-        pid_text = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        owner = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        pid_text, _, host = owner.partition("@")
+        if host and host != here:  # another machine's run: its process cannot be looked up from here
+            continue
         if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
             shutil.rmtree(os.path.join(output_folder, name), ignore_errors=True)
 
 
 @dataclass
 class BatchResult:
-    """``predicted``: cases whose files are now in the output folder; ``failed``: case -> why not."""
+    """``predicted``: cases whose files are now in the output folder; ``failed``: case -> why not;
+    ``run_failed``: every case failed inside nnU-Net and none was predicted, so the output folder was left as
+    it was (earlier outputs of these cases kept)."""
     predicted: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
     batch_error: Optional[str] = None  # why nnU-Net's parallel run stopped, when it did
+    run_failed: bool = False
 
 
 def _error_text(error: BaseException) -> str:
@@ -111,7 +131,7 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
     with_json = bool(predictor.case_heads)
     os.makedirs(output_folder, exist_ok=True)
     remove_abandoned_staging(output_folder)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_folder)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{staging_owner()}-", dir=output_folder)
     result = BatchResult()
     try:
         todo = list(cases)
@@ -137,7 +157,7 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
                 try:
                     predictor.predict_case_in_process(c.files, ofile, save_probabilities, previous)
                 except Exception as e:  # noqa: BLE001 - the error is this case's, reported with it
-                    result.failed[c.case] = f"prediction failed: {_error_text(e)}"
+                    result.failed[c.case] = f"{PREDICTION_FAILED}: {_error_text(e)}"
                     remove_case_outputs(staging, c.case, ending)
         for c in cases:
             if c.case in result.failed:
@@ -153,11 +173,14 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
                 elif os.path.isfile(final):  # e.g. an old .npz when this run saves no probabilities
                     os.remove(final)
             result.predicted.append(c.case)
-        for name in RUN_FILES:
+        result.run_failed = bool(cases) and not result.predicted and \
+            any(why.startswith(PREDICTION_FAILED) for why in result.failed.values())
+        for name in RUN_FILES if not result.run_failed else ():
             if os.path.isfile(os.path.join(staging, name)):
                 os.replace(os.path.join(staging, name), os.path.join(output_folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for case in result.failed:
-        remove_case_outputs(output_folder, case, ending)
+    if not result.run_failed:
+        for case in result.failed:
+            remove_case_outputs(output_folder, case, ending)
     return result

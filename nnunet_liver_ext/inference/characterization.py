@@ -15,10 +15,10 @@ logits), over the folds whose segmentation found a lesion.
 
 When no fold predicts any lesion voxel, the heads still give probabilities (the unweighted mean
 over patches), but they do not describe a lesion: ``lesion_detected`` is false, ``aggregation``
-says ``no_lesion_uniform``, and the CSV carries the same two columns. ``lesion_detected`` is also
-false when the folds found a lesion but the written segmentation has none (the mean of the folds,
-the resampling to the image's spacing or, in the end-of-training validation, nnU-Net's mirroring
-removed it); ``aggregation`` then says so.
+says ``no_lesion_uniform``, and the CSV carries the same two columns. ``lesion_detected`` follows the
+written segmentation where the heads' pass disagrees with it (the mean of the folds, the resampling
+to the image's spacing or, in the end-of-training validation, nnU-Net's mirroring can remove a lesion
+or make one); ``aggregation`` then says so.
 
 Written next to each ``CASE.nii.gz``: ``CASE.json`` with
 ``{"case", "classes", "probabilities", "predicted_class", "predicted_index", "lesion_detected",
@@ -76,20 +76,28 @@ class CaseCharacterization:
                   "lesion_detected": self.lesion_detected, "lesion_voxels": self.lesion_voxels,
                   "enhancement_curve": self.enhancement_curve, "phases": self.phases,
                   "aggregation": self.aggregation}
-        if not self.lesion_detected:
+        if self.aggregation.endswith(NOT_WRITTEN):
+            result["note"] = ("the written segmentation has no lesion: the probabilities describe the lesion that "
+                              "the heads' pass found at the network's resolution, which the written segmentation "
+                              "lost (to the mean of the folds, the resampling to the image's spacing, or in "
+                              "fold_X/validation to nnU-Net's mirroring, which the heads' pass there skips)")
+        elif self.aggregation.endswith(ONLY_WRITTEN):
+            result["note"] = ("the written segmentation has a lesion that the heads' pass did not find at the "
+                              "network's resolution (the mean of the folds, the resampling to the image's spacing "
+                              "or nnU-Net's mirroring made it): the probabilities are the mean over all patches "
+                              "and do not describe it")
+        elif not self.lesion_detected:
             result["note"] = ("no lesion was segmented: the probabilities are the mean over all patches and do "
-                              "not describe a lesion") if self.aggregation.startswith(AGGREGATION_NO_LESION) else \
-                ("the written segmentation has no lesion: the probabilities describe the lesion that the heads' "
-                 "pass found at the network's resolution, which the written segmentation lost (to the mean of "
-                 "the folds, the resampling to the image's spacing, or in fold_X/validation to nnU-Net's "
-                 "mirroring, which the heads' pass there skips)")
+                              "not describe a lesion")
         return result
 
 
 AGGREGATION_LESION = "predicted_lesion_voxels"
 AGGREGATION_NO_LESION = "no_lesion_uniform"
-#: appended to ``aggregation`` when the folds found a lesion that the written segmentation does not have
+#: appended to ``aggregation`` when ``lesion_detected`` follows the written segmentation against the heads' pass:
+#: the folds found a lesion that the written segmentation does not have, or the reverse
 NOT_WRITTEN = " (not in the written segmentation)"
+ONLY_WRITTEN = " (a lesion only in the written segmentation)"
 
 
 class CharacterizationPredictor(nnUNetPredictor):
@@ -236,8 +244,8 @@ class CharacterizationPredictor(nnUNetPredictor):
         """The case's record; ``lesion_voxels``: the tumor voxels of the segmentation written beside it, which
         decides ``lesion_detected`` when given."""
         detected, aggregation = heads["lesion_detected"], heads["aggregation"]
-        if detected and lesion_voxels == 0:
-            detected, aggregation = False, aggregation + NOT_WRITTEN
+        if lesion_voxels is not None and detected != (lesion_voxels > 0):
+            detected, aggregation = lesion_voxels > 0, aggregation + (ONLY_WRITTEN if lesion_voxels else NOT_WRITTEN)
         return CaseCharacterization(case=case, classes=self.case_classes if heads["probabilities"] else [],
                                     probabilities=heads["probabilities"] or [],
                                     lesion_detected=detected, lesion_voxels=lesion_voxels,

@@ -28,6 +28,9 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
     if args.npp < 1 or args.nps < 1:
         raise UserError("nnunet-liver predict needs -npp >= 1 and -nps >= 1 (nnU-Net's sequential mode bypasses "
                         "the per-case hook that writes CASE.json)", "-npp 1 -nps 1")
+    if not 0 < args.step_size <= 1:  # nnU-Net asserts it inside every case's sliding window
+        raise UserError(f"-step_size {args.step_size}: the sliding window's step is a fraction of the patch, in "
+                        f"(0, 1]", "-step_size 0.5 (nnU-Net's default)")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise UserError(f"-num_parts {args.num_parts} -part_id {args.part_id}: the parts are numbered 0 to "
                         f"num_parts - 1", "e.g. two GPUs: -num_parts 2, and -part_id 0 on one, -part_id 1 on the other")
@@ -64,6 +67,11 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
             fix = f"no fold has {args.chk} yet; train one: {train}"
         raise UserError(what, fix)
     previous = _previous_stage(model_folder / "plans.json", args.c)
+    if previous is None and args.prev_stage_predictions is not None:
+        raise UserError(f"-prev_stage_predictions {args.prev_stage_predictions}: {args.c} is no stage of nnU-Net's "
+                        f"cascade (it has no previous_stage in {model_folder / 'plans.json'}), so it takes no "
+                        f"previous segmentation; nnU-Net would add it to the input and fail on every case",
+                        "drop -prev_stage_predictions (it is for 3d_cascade_fullres)")
     if previous is not None and args.prev_stage_predictions is None:
         raise UserError(f"{args.c} is a stage of nnU-Net's cascade: it predicts from the {previous} stage's "
                         f"segmentation of every case, and no -prev_stage_predictions folder was given",
@@ -182,11 +190,14 @@ def _predict(args: argparse.Namespace) -> int:
     check, skipped = _cases_to_predict(args, dataset_json)
     failed = {c.case: "; ".join(f"{os.path.basename(p.path)} {p.message.split(';')[0]}" for p in c.problems)
               for c in check.bad}
-    predicted, written = [], []
+    predicted, written, run_failure = [], [], None
     if check.good:
         result, written = _run_predictor(args, model_folder, folds, check.good)
-        failed.update(result.failed)
-        predicted = result.predicted
+        if result.run_failed:  # the run's fault: these cases keep their earlier files and rows
+            run_failure = result
+        else:
+            failed.update(result.failed)
+            predicted = result.predicted
     # the folder's table: this run's cases replace their rows, failed cases lose theirs, others stay
     # (characterization.CSV_NAME; that module imports torch, not needed when nothing was predicted)
     results = [r for r in written if r.case in predicted]
@@ -194,6 +205,8 @@ def _predict(args: argparse.Namespace) -> int:
         from nnunet_liver_ext.inference.characterization import CSV_NAME, write_characterization_csv
 
         write_characterization_csv(os.path.join(args.o, CSV_NAME), results, drop=failed)
+    if run_failure is not None:
+        _run_failure(args, run_failure, check.bad)
     if failed:
         from nnunet_liver_ext.errors import UserError
 
@@ -206,6 +219,22 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"\nnnunet-liver predict: {len(predicted)} case(s) predicted into {args.o}"
           + (f", {len(skipped)} already there" if skipped else ""))
     return 0
+
+
+def _run_failure(args: argparse.Namespace, result, bad_inputs) -> None:
+    """Every checked case failed inside nnU-Net: the run's failure, reported as one; the outputs of these
+    cases in -o (an earlier run's) and their table rows are left as they were."""
+    from nnunet_liver_ext.errors import UserError
+
+    errors = sorted(set(result.failed.values()))
+    shown = "\n".join(f"  {why}" for why in errors[:3])
+    if len(errors) > 3:
+        shown += f"\n  ... ({len(errors) - 3} more)"
+    left_out = f"; {len(bad_inputs)} more failed the input check (above)" if bad_inputs else ""
+    raise UserError(f"nnU-Net failed on every one of the {len(result.failed)} checked case(s), so the fault is the "
+                    f"run's (model, device, options), not a case's; nothing was written to {args.o} and its earlier "
+                    f"files were left as they were{left_out}:\n{shown}",
+                    "fix the cause named above and rerun; --verbose shows nnU-Net's own output")
 
 
 def _run_predictor(args: argparse.Namespace, model_folder: str, folds: list, cases):
