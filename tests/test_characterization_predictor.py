@@ -202,6 +202,26 @@ def test_argmax_is_equals_argmax_including_ties(index):
     assert torch.equal(argmax_is(logits, index), logits.argmax(0) == index % 3)
 
 
+@pytest.mark.parametrize("labels, regions_class_order, expected", [
+    ({"background": 0, "liver": 1, "tumor": 2}, None, 3),
+    ({"background": 0, "liver": [1, 2, 3], "tumor": [2, 3], "necrosis": 3}, [1, 2, 3], 3 + 2),
+])
+def test_written_lesion_voxels_count_every_label_of_a_tumor_region(tmp_path, labels, regions_class_order, expected):
+    """nnU-Net writes a necrotic core (region [3], label 3) over the tumor region [2, 3]'s value 2: it is tumor."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = np.zeros((4, 4, 4), np.uint8)
+    array[0, 0, :3] = 2
+    array[1, 1, :2] = 3
+    array[2] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "case.nii.gz"))
+    pr = predictor(KnownOutputs(1e-9), dict(plans(BLOCK), image_reader_writer="SimpleITKIO"))
+    pr.dataset_json = dict(DATASET_JSON, labels=labels, **({"regions_class_order": regions_class_order}
+                                                            if regions_class_order else {}))
+    assert pr.written_lesion_voxels(str(tmp_path / "case.nii.gz")) == expected
+
+
 def test_a_retried_sliding_window_pass_counts_each_tile_once():
     """nnU-Net retries the whole pass on the CPU after a RuntimeError (out of memory)."""
     pr = predictor(KnownOutputs(1e-9, fail_on_call=4), plans(BLOCK), on_device=True)

@@ -44,6 +44,7 @@ from filelock import FileLock
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
+from nnunet_liver_ext.dataset_json import named_tumor
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.training.multitask_trainer import lesion_output, tumor_label_value
 from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block
@@ -254,9 +255,13 @@ class CharacterizationPredictor(nnUNetPredictor):
                                     aggregation=aggregation)
 
     def written_lesion_voxels(self, segmentation_file: str) -> int:
-        """Tumor voxels of a segmentation nnU-Net wrote (label values, the source image's grid)."""
+        """Tumor voxels of a segmentation nnU-Net wrote (label values, the source image's grid). A tumor region
+        (``labels["tumor"] = [2, 3]``) counts every label of it: nnU-Net writes a sub-region such as a necrotic
+        core (3) over the tumor's own value."""
         seg, _ = self.plans_manager.image_reader_writer_class().read_seg(segmentation_file)
-        return int((np.asarray(seg) == tumor_label_value(self.dataset_json)).sum())
+        named = named_tumor(self.dataset_json["labels"])
+        values = list(named) if isinstance(named, (list, tuple)) else [tumor_label_value(self.dataset_json)]
+        return int(np.isin(np.asarray(seg), values).sum())
 
     # --- files
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
