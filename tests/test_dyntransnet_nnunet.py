@@ -48,6 +48,22 @@ def test_prediction_with_stock_and_package_predictor(workspace, command):
     assert not (out / "characterization.csv").exists()
 
 
+def test_predicting_over_a_characterized_folder_leaves_no_stale_characterization(workspace):
+    """The folder of an earlier run with case heads: DynTransNet's segmentations replace its cases, so their
+    CASE.json files and table rows go (they described the old segmentations); another case's row stays."""
+    images = workspace["dataset"] / "imagesTs"
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    out = workspace["root"] / "pred_over_characterized"
+    out.mkdir()
+    for case in cases:
+        (out / f"{case}.json").write_text("{}")
+    (out / "characterization.csv").write_text("case,predicted_class\n" + "".join(f"{c},HCC\n" for c in cases)
+                                              + "other_case,cyst\n")
+    predict_held_out("nnunet-liver", workspace, DATASET_ID, TRAINER, PLANS, out=out)
+    assert not [case for case in cases if (out / f"{case}.json").exists()]
+    assert (out / "characterization.csv").read_text().split() == ["case,predicted_class", "other_case,cyst"]
+
+
 def test_checkpoint_rebuilds_and_reloads(workspace):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

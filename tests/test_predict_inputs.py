@@ -383,3 +383,39 @@ def subprocess_dead_pid() -> int:
 
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
+
+
+def test_continue_prediction_takes_a_case_without_its_case_json_for_unfinished(tmp_path):
+    """A model with case heads: a segmentation without CASE.json (a heads-less model's run in the same folder)
+    is not a finished case; one with both is skipped. Case 'a' is bad, so the command stops at the check,
+    naming it: proof that it was not skipped."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "res" / "Dataset917_Continue" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {}},
+                                                  "nnunet_liver_ext": {"case_heads": ["cls"]}}))
+    images = tmp_path / "images"
+    images.mkdir()
+    write_case(images, "a", [image(), image()])  # a channel missing
+    good_case(images, "b")
+    out = tmp_path / "pred"
+    out.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "b.json"):
+        (out / name).write_text("an earlier run")
+    for name in ("raw", "pre"):
+        (tmp_path / name).mkdir()
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
+                           str(out), "-d", "917", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny", "-f", "0",
+                           "-device", "cpu", "--continue_prediction"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 case(s) already predicted" in proc.stdout and "input error: case a:" in proc.stderr
+    assert "1 of 1 case(s) were not predicted" in proc.stderr

@@ -47,7 +47,7 @@ from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to
 from nnunet_liver_ext.dataset_json import named_tumor
 from nnunet_liver_ext.networks.contract import NetworkOutput, unwrap_network
 from nnunet_liver_ext.training.multitask_trainer import lesion_output, tumor_label_value
-from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block
+from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block, trained_case_heads
 
 CSV_NAME = "characterization.csv"
 
@@ -120,12 +120,8 @@ class CharacterizationPredictor(nnUNetPredictor):
 
     @property
     def case_heads(self) -> List[str]:
-        """The case-level heads the trained network has ("cls", "curve"), as its trainer wrote them into
-        the plans; plans from before that key had a class head exactly when they had classes."""
-        block = liver_ext_block(self.plans_manager.plans)
-        if "case_heads" in block:
-            return list(block["case_heads"])
-        return ["cls"] if self.case_classes else []
+        """The case-level heads the trained network has (``training.plans.trained_case_heads``)."""
+        return trained_case_heads(self.plans_manager.plans)
 
     def no_heads_reason(self) -> str:
         """Why this model writes no CASE.json, in the user's terms."""

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+
+from nnunet_liver_ext.training.plans import trained_case_heads
 
 
 def _check_model(args: argparse.Namespace) -> tuple[str, list]:
@@ -80,6 +83,16 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
     return str(model_folder), folds
 
 
+def _read_plans(model_folder) -> dict:
+    """The model's plans.json; empty when it cannot be read (nnU-Net reports that when it loads the model)."""
+    import json
+
+    try:
+        return json.loads((Path(model_folder) / "plans.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _previous_stage(plans_file, configuration: str):
     """The ``previous_stage`` of ``configuration`` in a model's plans.json (following ``inherits_from`` as
     nnU-Net does), or None; an unreadable plans.json is left to nnU-Net to report. Read from the JSON rather
@@ -121,10 +134,10 @@ def _no_model_error(args, dataset_name: str, did: int, dataset_results, model_na
                      f"({where})", f"nnUNetv2_train {did} {args.c} FOLD -tr {args.tr} -p {args.p}")
 
 
-def _cases_to_predict(args: argparse.Namespace, dataset_json: dict):
+def _cases_to_predict(args: argparse.Namespace, dataset_json: dict, writes_case_json: bool):
     """The input check (no torch): ``(check, skipped)`` where ``skipped`` are the cases left alone
-    because ``--continue_prediction`` found their output. Bad cases are reported here, and their
-    stale outputs from an earlier run are deleted."""
+    because ``--continue_prediction`` found their output (with its CASE.json when the model writes one).
+    Bad cases are reported here, and their stale outputs from an earlier run are deleted."""
     import sys
 
     from nnunet_liver_ext.errors import UserError
@@ -146,7 +159,8 @@ def _cases_to_predict(args: argparse.Namespace, dataset_json: dict):
     if args.continue_prediction:
         def done(case):
             stem = os.path.join(args.o, case)
-            return os.path.isfile(stem + ending) and (not args.save_probabilities or os.path.isfile(stem + ".npz"))
+            return os.path.isfile(stem + ending) and (not args.save_probabilities or os.path.isfile(stem + ".npz")) \
+                and (not writes_case_json or os.path.isfile(stem + ".json"))
         skipped = [c for c in cases if done(c)]
         cases = [c for c in cases if c not in skipped]
         if skipped:
@@ -187,7 +201,7 @@ def _predict(args: argparse.Namespace) -> int:
     with open(dataset_json_path) as f:
         dataset_json = json.load(f)
     os.makedirs(args.o, exist_ok=True)
-    check, skipped = _cases_to_predict(args, dataset_json)
+    check, skipped = _cases_to_predict(args, dataset_json, bool(trained_case_heads(_read_plans(model_folder))))
     failed = {c.case: "; ".join(f"{os.path.basename(p.path)} {p.message.split(';')[0]}" for p in c.problems)
               for c in check.bad}
     predicted, written, run_failure = [], [], None
@@ -198,13 +212,15 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             failed.update(result.failed)
             predicted = result.predicted
-    # the folder's table: this run's cases replace their rows, failed cases lose theirs, others stay
-    # (characterization.CSV_NAME; that module imports torch, not needed when nothing was predicted)
+    # the folder's table: this run's cases replace their rows, failed cases lose theirs, and so do cases this
+    # model predicted without a CASE.json (an earlier model's row would describe a replaced segmentation);
+    # others stay (characterization.CSV_NAME; that module imports torch, not needed when nothing was predicted)
     results = [r for r in written if r.case in predicted]
-    if results or (failed and os.path.isfile(os.path.join(args.o, "characterization.csv"))):
+    drop = list(failed) + sorted(set(predicted) - {r.case for r in results})
+    if results or (drop and os.path.isfile(os.path.join(args.o, "characterization.csv"))):
         from nnunet_liver_ext.inference.characterization import CSV_NAME, write_characterization_csv
 
-        write_characterization_csv(os.path.join(args.o, CSV_NAME), results, drop=failed)
+        write_characterization_csv(os.path.join(args.o, CSV_NAME), results, drop=drop)
     if run_failure is not None:
         _run_failure(args, run_failure, check.bad)
     if failed:

@@ -29,3 +29,13 @@ def resolved_arch_kwargs(configuration_manager) -> dict:
 def liver_ext_block(plans: dict) -> dict:
     return plans.get(PLANS_KEY) or {}
 
+
+def trained_case_heads(plans: dict) -> list:
+    """The case-level heads a trained network has ("cls", "curve"), as its trainer wrote them into the plans;
+    plans from before that key had a class head exactly when they had classes. Torch-free: the prediction
+    command reads it before it loads a model."""
+    block = liver_ext_block(plans)
+    if "case_heads" in block:
+        return list(block["case_heads"])
+    return ["cls"] if block.get("case_classes") else []
+
