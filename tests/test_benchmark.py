@@ -242,6 +242,12 @@ def test_missing_fold_and_bad_geometry_are_reported(nnunet_env, tmp_path, capsys
     report = (out / "report.md").read_text()
     assert "fold 4 (no validation folder" in report
     assert "no validation folder" in capsys.readouterr().err
+    # the means cover different cases: said next to them
+    n3, n4 = (len(nnunet_env["splits"][f]["val"]) for f in (3, 4))
+    assert (f"Each trainer's mean covers its own cases, and they differ (nnUNetTrainer: {n3 + n4}, "
+            f"nnUNetTrainerSTDNet: {n3}; {n3} in common)") in report
+    assert json.loads((out / "summary.json").read_text())["cases"] == {
+        "per_trainer": {"nnUNetTrainer": n3 + n4, "nnUNetTrainerSTDNet": n3}, "common": n3}
 
     # a prediction on another grid stops with the case and both files named
     case = nnunet_env["splits"][3]["val"][1]

@@ -165,6 +165,9 @@ def aggregate(inputs: BenchmarkInputs, rows: Sequence[dict], lesion_rows: Sequen
     folds = sorted({r["fold"] for r in rows if r["fold"] != ""})
     summary: dict = dict(trainers=trainers, baseline=baseline, folds=folds, segmentation={}, lesions={},
                          characterization={}, regression={})
+    cases = {t: {r["case"] for r in per_trainer[t]} for t in trainers}
+    summary["cases"] = dict(per_trainer={t: len(c) for t, c in cases.items()},
+                            common=len(set.intersection(*cases.values())) if cases else 0)
     for region in inputs.settings.regions:
         reg: dict = {}
         for metric in _metric_names(inputs):
@@ -367,6 +370,12 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
                  [list(r) for r in EMPTY_MASK_POLICY])
 
     md += [f"## Segmentation{_pooled(folds)}", ""]
+    counts = summary["cases"]["per_trainer"]
+    if len(set(counts.values())) > 1 or summary["cases"]["common"] < max(counts.values(), default=0):
+        md += ["Each trainer's mean covers its own cases, and they differ (" +
+               ", ".join(f"{t}: {n}" for t, n in counts.items()) + f"; {summary['cases']['common']} in common): "
+               "compare the means with care; the paired column uses the common cases only. The missing ones are "
+               "listed under Completeness.", ""]
     for region in s.regions:
         reg = summary["segmentation"][region.key]
         md += [f"### {region.display}", ""]
