@@ -221,19 +221,40 @@ def test_csv_drops_the_rows_of_failed_cases_and_keeps_the_others(tmp_path):
     assert lines[0].startswith("case,predicted_class,prob_A") and [r.split(",")[0] for r in lines[1:]] == ["a"]
 
 
-def test_the_command_on_bad_cases_only_names_them_and_stops_before_loading_the_model(tmp_path):
-    """``nnunet-liver predict`` through its console script on a folder where every case is bad: each
-    case and file named, stale outputs and table rows removed, status 1, and the model never loaded
-    (the checkpoint here is an empty file nnU-Net could not read; the check comes first)."""
+def unloadable_model(root, dataset_name: str, plans: dict = None):
+    """A model folder ``nnunet-liver predict`` finds under root/res, whose checkpoint nnU-Net could not load (an
+    empty file): a command that gets past its checks would fail, so these tests see the checks alone."""
     import json
+
+    model = root / "res" / dataset_name / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    if plans is not None:
+        (model / "plans.json").write_text(json.dumps(plans))
+    for name in ("raw", "pre"):
+        (root / name).mkdir(exist_ok=True)
+    return model
+
+
+def predict_command(root, dataset_id: int, images, out, *extra):
+    """``nnunet-liver predict`` through its console script with nnU-Net's folders under root, fold 0 on the CPU."""
     import subprocess
     import sys
     from pathlib import Path
 
-    model = tmp_path / "res" / "Dataset914_Bad" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
-    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"))
+    return subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
+                           str(out), "-d", str(dataset_id), "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny",
+                           "-f", "0", "-device", "cpu", *extra], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_on_bad_cases_only_names_them_and_stops_before_loading_the_model(tmp_path):
+    """``nnunet-liver predict`` through its console script on a folder where every case is bad: each
+    case and file named, stale outputs and table rows removed, status 1, and the model never loaded
+    (the checkpoint here is an empty file nnU-Net could not read; the check comes first)."""
+    unloadable_model(tmp_path, "Dataset914_Bad")
     images = tmp_path / "images"
     images.mkdir()
     write_case(images, "missing", [image(), image()])
@@ -245,13 +266,7 @@ def test_the_command_on_bad_cases_only_names_them_and_stops_before_loading_the_m
     for name in ("missing.nii.gz", "missing.json", "nan.nii.gz", "keep.nii.gz"):
         (out / name).write_text("an earlier run")
     (out / "characterization.csv").write_text("case,predicted_class\nkeep,A\nmissing,B\nnan,A\n")
-    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
-               nnUNet_results=str(tmp_path / "res"))
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "pre").mkdir()
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images),
-                           "-o", str(out), "-d", "914", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny",
-                           "-f", "0", "-device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    proc = predict_command(tmp_path, 914, images, out)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"case missing: {images / 'missing_0002.nii.gz'}: is missing" in proc.stderr
@@ -301,37 +316,21 @@ def test_csv_writers_that_run_at_the_same_time_keep_each_others_rows(tmp_path, m
 def test_the_parts_are_nnunets_split_of_the_sorted_cases(tmp_path):
     """``-num_parts 3 -part_id 1`` checks (and would predict) the cases nnUNetv2_predict's part 1 of 3 takes;
     all bad here, so the command names exactly those and stops before loading the model."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    model = tmp_path / "res" / "Dataset915_Parts" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
-    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    unloadable_model(tmp_path, "Dataset915_Parts")
     images = tmp_path / "images"
     images.mkdir()
     for case in ("c", "a", "e", "b", "g", "d", "f"):
         write_case(images, case, [image(), image()])  # a channel missing: bad
     expected = [os.path.basename(files[0])[:-len("_0000.nii.gz")] for files in
                 create_lists_from_splitted_dataset_folder(str(images), ".nii.gz")[1::3]]
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "pre").mkdir()
-    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
-               nnUNet_results=str(tmp_path / "res"))
-    command = [str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
-               str(tmp_path / "pred"), "-d", "915", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny", "-f", "0",
-               "-device", "cpu", "-num_parts", "3", "-part_id", "1"]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = predict_command(tmp_path, 915, images, tmp_path / "pred", "-num_parts", "3", "-part_id", "1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "part 1 of 3: 2 of the 7 cases" in proc.stdout
     named = [line.split("case ")[1].split(":")[0] for line in proc.stderr.splitlines() if "input error: case" in line]
     assert expected == ["b", "e"] and sorted(set(named)) == expected
-    bad = subprocess.run(command[:-4] + ["-num_parts", "2", "-part_id", "2"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = predict_command(tmp_path, 915, images, tmp_path / "pred", "-num_parts", "2", "-part_id", "2")
     assert bad.returncode == 1 and "the parts are numbered 0 to num_parts - 1" in bad.stderr
 
 
@@ -341,26 +340,11 @@ def test_the_parts_are_nnunets_split_of_the_sorted_cases(tmp_path):
 ])
 def test_options_that_would_fail_every_case_are_refused_first(tmp_path, extra, words):
     """nnU-Net would fail inside every case; the command says why before loading the model."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    model = tmp_path / "res" / "Dataset916_Options" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
-    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {"patch_size": [8, 8, 8]}}}))
+    unloadable_model(tmp_path, "Dataset916_Options", plans={"configurations": {"3d_fullres": {"patch_size": [8] * 3}}})
     images = tmp_path / "images"
     images.mkdir()
     good_case(images, "a")
-    for name in ("raw", "pre"):
-        (tmp_path / name).mkdir()
-    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
-               nnUNet_results=str(tmp_path / "res"))
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
-                           str(tmp_path / "pred"), "-d", "916", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny",
-                           "-f", "0", "-device", "cpu", *extra], env=env, capture_output=True, text=True, timeout=300)
+    proc = predict_command(tmp_path, 916, images, tmp_path / "pred", *extra)
     assert proc.returncode == 1 and words in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "pred").exists()
 
@@ -389,17 +373,8 @@ def test_continue_prediction_takes_a_case_without_its_case_json_for_unfinished(t
     """A model with case heads: a segmentation without CASE.json (a heads-less model's run in the same folder)
     is not a finished case; one with both is skipped. Case 'a' is bad, so the command stops at the check,
     naming it: proof that it was not skipped."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    model = tmp_path / "res" / "Dataset917_Continue" / "nnUNetTrainerSTDNet_tiny__nnUNetPlans__3d_fullres"
-    (model / "fold_0").mkdir(parents=True)
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
-    (model / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    (model / "plans.json").write_text(json.dumps({"configurations": {"3d_fullres": {}},
-                                                  "nnunet_liver_ext": {"case_heads": ["cls"]}}))
+    unloadable_model(tmp_path, "Dataset917_Continue", plans={"configurations": {"3d_fullres": {}},
+                                                              "nnunet_liver_ext": {"case_heads": ["cls"]}})
     images = tmp_path / "images"
     images.mkdir()
     write_case(images, "a", [image(), image()])  # a channel missing
@@ -408,14 +383,7 @@ def test_continue_prediction_takes_a_case_without_its_case_json_for_unfinished(t
     out.mkdir()
     for name in ("a.nii.gz", "b.nii.gz", "b.json"):
         (out / name).write_text("an earlier run")
-    for name in ("raw", "pre"):
-        (tmp_path / name).mkdir()
-    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
-               nnUNet_results=str(tmp_path / "res"))
-    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet-liver"), "predict", "-i", str(images), "-o",
-                           str(out), "-d", "917", "-c", "3d_fullres", "-tr", "nnUNetTrainerSTDNet_tiny", "-f", "0",
-                           "-device", "cpu", "--continue_prediction"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = predict_command(tmp_path, 917, images, out, "--continue_prediction")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 case(s) already predicted" in proc.stdout and "input error: case a:" in proc.stderr
     assert "1 of 1 case(s) were not predicted" in proc.stderr
