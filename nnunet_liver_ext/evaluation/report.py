@@ -87,8 +87,9 @@ def paired_wilcoxon(values_by_case: dict[str, float], baseline_by_case: dict[str
         out["p"] = 1.0
     else:
         # Exact null distribution when it is defined (no zero differences, no ties, n <= 50);
-        # otherwise the tie-corrected normal approximation, as R's wilcox.test does. scipy's
-        # "auto" would fall back to a permutation test, seconds per call for little gain.
+        # otherwise the tie-corrected normal approximation, the switch R's wilcox.test makes (R's
+        # default also applies a continuity correction, scipy's correction=False here does not).
+        # scipy's "auto" would fall back to a permutation test, seconds per call for little gain.
         d = np.abs(x - y)
         nonzero = d[d != 0]
         exact = nonzero.size == d.size and np.unique(nonzero).size == nonzero.size and d.size <= 50
