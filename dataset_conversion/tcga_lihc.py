@@ -10,6 +10,12 @@ SeriesDescription keywords (case-insensitive, whole words: "AP" matches "AP 5mm"
 (global) or {"patient": {...}} (per patient); a value "ignore" drops a series. Phases are
 checked against acquisition-time order, registered to the portal-venous series and
 resampled onto its grid. Channels are named "CT".
+
+A patient with several studies (scans of different dates) gives one case from one study: never
+phases of different dates. Scouts, localizers and dose reports name no phase, and objects without
+pixel data (structured reports, presentation states) are ignored. A series whose slices do not
+form one evenly spaced stack (a missing slice, two acquisitions in one series, a gantry tilt) is
+an error naming it.
 """
 from __future__ import annotations
 
@@ -43,9 +49,16 @@ _PHASE_REGEX = {phase: re.compile("|".join(f"{_L}{k}{_R}" for k in words), re.IG
 IMAGE_MODALITIES = ("CT",)
 
 
+#: series that are no phase volume whatever else their description says ("AP/LAT SCOUT" is no arterial phase)
+NOT_A_PHASE = re.compile(f"{_L}(scout|localizer|locator|topogram|surview|scanogram|dose|report|screen ?save)",
+                         re.IGNORECASE)
+
+
 def phase_from_description(description: str) -> str | None:
-    """The one CT phase whose keywords occur in `description`, else None (none or several).
-    "portal venous" names one phase although two keywords of it match."""
+    """The one CT phase whose keywords occur in `description`, else None (none or several, or a scout,
+    localizer or dose report). "portal venous" names one phase although two keywords of it match."""
+    if NOT_A_PHASE.search(description or ""):
+        return None
     hits = [phase for phase, regex in _PHASE_REGEX.items() if regex.search(description or "")]
     # "Non-contrast arterial" style descriptions name two phases: refuse to guess
     return hits[0] if len(hits) == 1 else None
@@ -61,6 +74,8 @@ class SeriesInfo:
     time_s: float | None
     phase: str | None = None
     how: str = ""
+    study: str = ""  # StudyInstanceUID
+    study_date: str = ""
 
 
 def _time_seconds(value) -> float | None:
@@ -78,9 +93,10 @@ def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
     import pydicom
 
     series = []
-    for folder, subdirs, files in sorted(os.walk(patient_dir)):
+    # top-down, pruning junk folders (__MACOSX, hidden) before they are entered; sorted for a fixed order
+    for folder, subdirs, files in os.walk(patient_dir):
         subdirs[:] = sorted(d for d in subdirs if not is_junk_file(d))
-        files = [f for f in files if not is_junk_file(f)]
+        files = sorted(f for f in files if not is_junk_file(f))
         if not files:
             if not subdirs:
                 raise ConversionError("empty DICOM series folder (no files)", case_id, folder)
@@ -91,7 +107,11 @@ def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
                                   case_id, os.path.join(folder, empty[0]))
         uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
         if not uids:
-            raise ConversionError(f"no readable DICOM series among {len(files)} file(s)", case_id, folder)
+            without_pixels = _objects_without_pixels(folder, files)
+            if without_pixels is None:
+                raise ConversionError(f"no readable DICOM series among {len(files)} file(s)", case_id, folder)
+            series += without_pixels  # structured reports, presentation states: assign_phases notes and ignores them
+            continue
         listed = set()
         for uid in uids:
             names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
@@ -106,7 +126,9 @@ def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
                 if time_s is not None:
                     break
             series.append(SeriesInfo(uid, folder, names, str(header.get("SeriesDescription", "")),
-                                     str(header.get("Modality", "")), time_s))
+                                     str(header.get("Modality", "")), time_s,
+                                     study=str(header.get("StudyInstanceUID", "")),
+                                     study_date=str(header.get("StudyDate", ""))))
         unlisted = sorted(set(files) - listed)
         if unlisted:
             # GDCM silently drops files it cannot parse; a truncated slice must not vanish
@@ -116,6 +138,66 @@ def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
     if not series:
         raise ConversionError("no DICOM series found", case_id, patient_dir)
     return series
+
+
+def _objects_without_pixels(folder: str, files: list) -> list[SeriesInfo] | None:
+    """The DICOM objects of a folder where GDCM finds no image series, one SeriesInfo per series, when every
+    file is a DICOM object without pixel data (a structured report, a presentation state); else None."""
+    import pydicom
+
+    found: dict[str, SeriesInfo] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            header = pydicom.dcmread(path)  # whole: stop_before_pixels would hide the pixel data looked for
+        except Exception:  # noqa: BLE001 - not DICOM at all: the caller's error names the folder
+            return None
+        if any(tag in header for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            return None
+        uid = str(header.get("SeriesInstanceUID", path))
+        info = found.setdefault(uid, SeriesInfo(uid, folder, [], str(header.get("SeriesDescription", "")),
+                                                str(header.get("Modality", "")) or "non-image", None,
+                                                study=str(header.get("StudyInstanceUID", ""))))
+        info.files.append(path)
+    return list(found.values())
+
+
+def split_by_study(series: list[SeriesInfo], case_id: str, mapping: dict, needed: list[str]
+                   ) -> tuple[list[SeriesInfo], list[str]]:
+    """The series of the one study a case is made of, and notes. A patient scanned on several dates has
+    several studies; phases of different dates must not be mixed. The study holding the DICOM-SEG (when
+    there is one) wins; else the studies with every needed phase, the earliest of them (StudyDate, then
+    UID); else the error names each study's phases."""
+    studies: dict[str, list[SeriesInfo]] = {}
+    for s in series:
+        studies.setdefault(s.study, []).append(s)
+    # a study without image series (a DICOM-SEG stored in a study of its own) goes along with any choice
+    with_images = {s.study for s in series if s.modality in IMAGE_MODALITIES}
+    companions = [s for s in series if s.study not in with_images]
+    studies = {uid: members for uid, members in studies.items() if uid in with_images}
+    if len(studies) <= 1:
+        return series, []
+
+    def describe(uid):
+        found = assign_phases([SeriesInfo(**vars(s)) for s in studies[uid]], case_id, mapping, needed)[0]
+        date = next((s.study_date for s in studies[uid] if s.study_date), "no date")
+        return f"study {uid} ({date}): {sorted(found, key=CT_PHASES.index) or 'no phase'}", found
+
+    summaries = {uid: describe(uid) for uid in studies}
+    segs = {s.study for s in series if s.modality == "SEG"} & with_images
+    if len(segs) == 1:
+        chosen, why = next(iter(segs)), "the study of the DICOM-SEG"
+    else:
+        complete = [uid for uid, (_, found) in summaries.items() if all(p in found for p in needed)]
+        if not complete:
+            raise IncompleteCaseError(f"no single study has every needed phase {needed} (phases of different dates "
+                                      f"are never mixed): " + "; ".join(t for t, _ in summaries.values()),
+                                      case_id, series[0].folder)
+        chosen = min(complete, key=lambda uid: (next((s.study_date for s in studies[uid] if s.study_date), "~"), uid))
+        why = f"the {'earliest' if len(complete) > 1 else 'only'} study with every needed phase"
+    others = "; ".join(text for uid, (text, _) in summaries.items() if uid != chosen)
+    return studies[chosen] + companions, [f"{len(studies)} studies: used {summaries[chosen][0]} ({why}); ignored "
+                                          f"{others} (a --phase-map entry 'SeriesInstanceUID': 'ignore' drops a series)"]
 
 
 def load_phase_map(path: str | None) -> dict:
@@ -179,7 +261,9 @@ def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed:
             notes.append(f"{len(candidates)} series for {phase}: kept {candidates[0].description!r} "
                          f"({len(candidates[0].files)} slices, {candidates[0].folder}), ignored "
                          + ", ".join(f"{c.description!r} ({len(c.files)} slices)" for c in candidates[1:]))
-    leftovers = [s for s in images if s.phase is None and s.how != "mapping file"]
+    # a series of one image (a scout, a dose screen) is no volume, whatever its acquisition time
+    leftovers = [s for s in images if s.phase is None and s.how != "mapping file" and len(s.files) > 1
+                 and not NOT_A_PHASE.search(s.description)]
     missing = [p for p in needed if p not in chosen]
     timed = {p: s.time_s for p, s in chosen.items() if s.time_s is not None}
     if len(missing) == 1 and len(leftovers) == 1 and leftovers[0].time_s is not None:
@@ -204,7 +288,50 @@ def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed:
     return chosen, notes
 
 
+def check_slice_stack(info: SeriesInfo, case_id: str) -> None:
+    """The series' slices form one evenly spaced stack along their normal: one orientation, no two slices at
+    one position (two acquisitions in one series), no gap (a missing slice), no in-plane drift from slice to
+    slice (a gantry tilt). ITK would stack any of these at a mean spacing, with every slice after the defect
+    in the wrong place."""
+    import pydicom
+
+    orientations, positions = [], []
+    for name in info.files:
+        header = pydicom.dcmread(name, stop_before_pixels=True)
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            raise ConversionError(f"DICOM series {info.description!r}: a slice without ImagePositionPatient or "
+                                  f"ImageOrientationPatient", case_id, name)
+        orientations.append([float(v) for v in header.ImageOrientationPatient])
+        positions.append([float(v) for v in header.ImagePositionPatient])
+    orientations, positions = np.array(orientations), np.array(positions)
+    if np.abs(orientations - orientations[0]).max() > 1e-4:
+        raise ConversionError(f"DICOM series {info.description!r}: slices of different orientations", case_id,
+                              info.folder)
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    order = np.argsort(positions @ normal)
+    depth = positions[order] @ normal
+    steps = np.diff(depth)
+    where = info.folder
+    if len(steps) and steps.min() < 1e-3:
+        raise ConversionError(f"DICOM series {info.description!r}: two slices at one position ("
+                              f"{int((steps < 1e-3).sum())} such pairs): two acquisitions in one series; keep one "
+                              f"(or map the series to 'ignore' with --phase-map)", case_id, where)
+    spacing = float(np.median(steps)) if len(steps) else 0.0
+    if len(steps) and np.abs(steps - spacing).max() > max(0.01 * spacing, 1e-3):
+        k = int(np.argmax(np.abs(steps - spacing)))
+        raise ConversionError(f"DICOM series {info.description!r}: uneven slice spacing ({steps[k]:.3g} mm between "
+                              f"slices {k} and {k + 1} along the stack, {spacing:.3g} mm elsewhere): a missing slice; "
+                              f"fix the series or map it to 'ignore' with --phase-map", case_id, where)
+    drift = positions[order] - positions[order][:1] - np.outer(depth - depth[0], normal)
+    if np.abs(drift).max() > max(0.01 * spacing, 1e-2):
+        raise ConversionError(f"DICOM series {info.description!r}: the slices move in-plane along the stack "
+                              f"({np.abs(drift).max():.3g} mm over {len(depth)} slices): a gantry tilt, which this "
+                              f"converter does not resample; map the series to 'ignore' with --phase-map",
+                              case_id, where)
+
+
 def read_series(info: SeriesInfo, case_id: str) -> sitk.Image:
+    check_slice_stack(info, case_id)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(info.files)
     try:
@@ -278,8 +405,10 @@ def convert_case(task: CaseTask, out_dir: str, options: ConversionOptions):
     patient_dir = Path(task.images["patient_dir"])
     selected = task.extra["phases"]
     needed = list(dict.fromkeys(list(selected) + [REFERENCE_PHASE]))
-    series = scan_patient(patient_dir, task.case_id)
+    series, study_notes = split_by_study(scan_patient(patient_dir, task.case_id), task.case_id,
+                                         task.extra["phase_map"], needed)
     chosen, notes = assign_phases(series, task.case_id, task.extra["phase_map"], needed)
+    notes = study_notes + notes
     missing = [p for p in needed if p not in chosen]
     if missing:
         found = ", ".join(f"{s.description!r}->{s.phase}" for s in series) or "none"
