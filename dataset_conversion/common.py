@@ -541,21 +541,38 @@ def _load_json_or_none(path: Path):
         return None
 
 
+def _source_files(path: str) -> list[str]:
+    """``path``, or every file under it when it is a folder (a TCGA patient's DICOM tree)."""
+    if not os.path.isdir(path):
+        return [path]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, name) for name in sorted(files)]
+    return found
+
+
 def source_fingerprint(tasks: Sequence[CaseTask], options: ConversionOptions, converter: str) -> dict:
-    """Identifies a run for resuming: converter, options that shape the output, and each
-    source file's size and mtime."""
+    """Identifies a run for resuming: converter, options that shape the output (the contents of the files
+    they name, such as --phase-map and --classes), each case's class, and each source file's size and mtime
+    (every file of a source folder)."""
     digest = hashlib.sha256()
     for task in sorted(tasks, key=lambda t: t.case_id):
+        digest.update(f"{task.case_id}|class {task.case_class!r}\n".encode())
         files = []
         for value in list(task.images.values()) + [task.label]:
             files += value if isinstance(value, list) else [value]
-        for f in sorted(str(x) for x in files if x):
+        for f in (name for x in sorted(str(x) for x in files if x) for name in _source_files(x)):
             try:
                 st = os.stat(f)
                 digest.update(f"{task.case_id}|{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             except OSError:
                 digest.update(f"{task.case_id}|{f}|missing\n".encode())
     shaping = {k: v for k, v in asdict(options).items() if k not in ("num_workers", "progress", "overwrite")}
+    for key in ("phase_map", "classes_csv"):
+        if isinstance(shaping.get(key), str) and os.path.isfile(shaping[key]):
+            with open(shaping[key], "rb") as f:
+                shaping[f"{key}_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return {"converter": converter, "options": json.loads(json.dumps(shaping, default=str)),
             "sources": digest.hexdigest()}
 

@@ -223,3 +223,30 @@ def test_rigid_registration_recovers_known_motion_within_a_voxel():
     assert before.mean() > 2.0
     assert residual.max() <= 1.0 and residual.mean() < 0.5
     assert result.metric_after < result.metric_before
+
+
+def test_resume_fingerprint_sees_nested_files_named_files_contents_and_classes(tmp_path):
+    """An interrupted run resumes only when nothing that shapes a case changed: a DICOM slice two folders down
+    in a patient's tree, the contents of --phase-map, a case's class."""
+    import os
+
+    patient = tmp_path / "P" / "study" / "series"
+    patient.mkdir(parents=True)
+    (patient / "1-001.dcm").write_bytes(b"a")
+    mapping = tmp_path / "map.json"
+    mapping.write_text('{"A": "arterial"}')
+    options = ConversionOptions(str(tmp_path / "raw"), 501, "T", phase_map=str(mapping), progress=False)
+
+    def fingerprint(case_class="HCC"):
+        task = common.CaseTask("P", "train", {"patient_dir": str(tmp_path / "P")}, case_class=case_class)
+        return common.source_fingerprint([task], options, "tcga-lihc")
+
+    before = fingerprint()
+    assert fingerprint() == before
+    (patient / "1-001.dcm").write_bytes(b"bb")
+    os.utime(patient / "1-001.dcm", ns=(1, 1))
+    after_slice = fingerprint()
+    assert after_slice != before
+    mapping.write_text('{"A": "delayed"}')
+    assert fingerprint() != after_slice
+    assert fingerprint("cyst") != fingerprint("HCC")
