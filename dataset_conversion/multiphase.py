@@ -55,9 +55,11 @@ def register_and_write(case_id: str, split: str, out_dir: str, options: Conversi
             raise ConversionError(f"registration of phase {phase!r} to {REFERENCE_PHASE} failed "
                                   f"({str(e).strip().splitlines()[-1]})", case_id, path) from None
         if result.overlap_fraction < MIN_OVERLAP_FRACTION:
+            # skippable: one patient whose arterial scan covers the liver alone must not stop a whole dataset
             raise ConversionError(f"geometry mismatch after registration: phase {phase!r} covers only "
                                   f"{100 * result.overlap_fraction:.0f}% of the {REFERENCE_PHASE} field of view "
-                                  f"(minimum {100 * MIN_OVERLAP_FRACTION:.0f}%)", case_id, path)
+                                  f"(minimum {100 * MIN_OVERLAP_FRACTION:.0f}%; --skip-incomplete skips such a case)",
+                                  case_id, path, skippable=True)
         registration[phase] = result.summary()
         if label_image is not None:
             # how far the correction moved the liver: the misalignment there was before registration

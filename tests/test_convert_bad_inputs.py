@@ -275,6 +275,16 @@ def test_skip_incomplete_skips_and_reports_missing_phase(tmp_path, mri_cases):
     assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["mri_000.nii.gz"]
 
 
+def test_skip_incomplete_skips_a_phase_that_covers_too_little(tmp_path, mri_cases):
+    """A patient whose arterial scan covers a slab of the portal venous field of view: skipped, not the end of
+    the dataset."""
+    src = k_phase_not_covering_reference(tmp_path, mri_cases)
+    out = dynamic_mri.convert(src, ConversionOptions(str(tmp_path / "raw"), 45, "Cover", skip_incomplete=True,
+                                                     progress=False))
+    skipped = [c for c in json.loads((out / "conversion_report.json").read_text())["cases"] if c["status"] == "skipped"]
+    assert [c["case_id"] for c in skipped] == ["mri_000"] and "covers only" in skipped[0]["reason"]
+
+
 def test_skip_incomplete_does_not_hide_other_errors(tmp_path, ct_cases):
     src = k_label_outside_schema(tmp_path, ct_cases)
     with pytest.raises(ConversionFailed, match="lits_1"):
