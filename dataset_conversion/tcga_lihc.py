@@ -395,6 +395,9 @@ def read_dicom_seg(path: str, reference: sitk.Image, case_id: str) -> sitk.Image
             raise ConversionError(f"DICOM-SEG frame {i + 1} at {position} is not a slice of the portal-venous "
                                   f"series", case_id, path)
         number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if number not in values:
+            raise ConversionError(f"DICOM-SEG frame {i + 1} belongs to segment {number}, which SegmentSequence does "
+                                  f"not define (segments {sorted(values)})", case_id, path)
         label[k] = np.maximum(label[k], (frames[i] > 0).astype(np.uint8) * values[number])
     image = sitk.GetImageFromArray(label)
     image.CopyInformation(reference)
