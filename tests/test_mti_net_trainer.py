@@ -12,6 +12,7 @@ import copy
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,6 +158,20 @@ def test_generator_step_leaves_the_discriminator_and_discriminator_step_the_gene
     assert len(changed(seen["d"], after_d)) == len(discriminator), "the discriminator step left some of it alone"
     assert {"seg_loss", "cls_loss", "curve_loss", "tim_loss", "adv_loss", "disc_loss"} <= set(result)
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in result.values())
+
+
+def test_a_non_finite_step_under_the_grad_scaler_leaves_generator_and_discriminator_alone(nnunet_folders):
+    """nnU-Net's grad scaler skips the generator's non-finite step; the discriminator's step, which has no
+    scaler, is not taken on those pairs."""
+    trainer = make_trainer("nnUNetTrainerMTINet")
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    case_loss_terms = trainer.case_loss_terms
+    trainer.case_loss_terms = lambda *args: {k: v * float("nan") if k == "curve" else v
+                                             for k, v in case_loss_terms(*args).items()}
+    before = snapshot(dict(trainer.network.named_parameters()))
+    result = trainer.train_step(make_batch(trainer))
+    assert not changed(before, snapshot(dict(trainer.network.named_parameters())))
+    assert np.isnan(result["disc_loss"]) and trainer.grad_scaler.get_scale() == 512.0
 
 
 def test_loss_weights_scale_their_terms(nnunet_folders):

@@ -120,8 +120,8 @@ def test_warmup_cosine_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_a_non_finite_loss_term_stops_training_naming_term_and_iteration(monkeypatch, tmp_path):
-    """A NaN in one case-level term stops the step before the optimizer sees it."""
+def _poisoned_trainer_and_batch(monkeypatch, tmp_path):
+    """A tiny STD-Net trainer whose class term is NaN, initialised on the CPU, and one batch."""
     from nnunet_liver_ext.trainers.nnUNetTrainerSTDNet import nnUNetTrainerSTDNet
     from test_characterization_predictor import _trainer_plans
 
@@ -143,8 +143,29 @@ def test_a_non_finite_loss_term_stops_training_naming_term_and_iteration(monkeyp
     target[:, :, 4:8, 8:16, 8:16] = 2
     batch = {"data": torch.randn(2, 3, 16, 32, 32), "keys": ["a", "b"],
              "target": [target, target[:, :, ::2, ::2, ::2], target[:, :, ::4, ::4, ::4]]}
+    return trainer, batch
+
+
+def test_a_non_finite_loss_term_stops_training_naming_term_and_iteration(monkeypatch, tmp_path):
+    """Without a grad scaler (CPU), a NaN in one case-level term stops the step before the optimizer sees it."""
+    trainer, batch = _poisoned_trainer_and_batch(monkeypatch, tmp_path)
     before = [p.detach().clone() for p in trainer.network.parameters()]
     trainer.iteration_in_epoch = 7
     with pytest.raises(FloatingPointError, match=r"'cls': nan.*epoch 0, iteration 7 \(cases \['a', 'b'\]\)"):
         trainer.train_step(batch)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+
+
+def test_with_a_grad_scaler_a_non_finite_step_is_skipped_until_too_many_in_a_row(monkeypatch, tmp_path):
+    """nnU-Net's CUDA path: its grad scaler skips a step whose gradients are not finite, so one bad fp16 batch
+    does not end a long run; the weights stay as they were, and max_non_finite_steps in a row stop it."""
+    trainer, batch = _poisoned_trainer_and_batch(monkeypatch, tmp_path)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.train_step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.network.parameters()))
+    assert trainer.grad_scaler.get_scale() == 512.0  # the scaler saw the non-finite gradients and skipped
+    trainer.max_non_finite_steps = 3
+    trainer.train_step(batch)
+    with pytest.raises(FloatingPointError, match="3 steps in a row, stopped"):
+        trainer.train_step(batch)

@@ -33,6 +33,7 @@ Ablations (paper Tables 3-4): ``_noMdIEF``, ``_noSpectral``, ``_noSpatial``, ``_
 """
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -161,13 +162,19 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
                 terms["adv"] = self.loss_weights["adv"] * masked_bce_with_logits(
                     discriminator(pairs["fake_curve"], pairs["fake_probs"]), True, pairs["mask"])
             loss = self.loss_weights.get("seg", 1.0) * seg_loss + sum(terms.values())
-        self.check_finite_losses({"seg": seg_loss, **terms})
-        self._generator_update(loss, discriminator)
+        finite = self.check_finite_losses({"seg": seg_loss, **terms})
+        self._generator_update(loss, discriminator)  # the grad scaler skips a non-finite step
         self.iteration_in_epoch = getattr(self, "iteration_in_epoch", 0) + 1
         result = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
         result.update({f"{name}_loss": value.detach().cpu().numpy() for name, value in terms.items()})
         if pairs is not None:
-            result["disc_loss"] = self._discriminator_update(discriminator, pairs)
+            # the discriminator's step has no grad scaler to skip it: non-finite pairs must not reach it, and
+            # under DDP every rank takes the step or none does (its gradients are all-reduced by hand)
+            if self.is_ddp:
+                flag = torch.tensor(float(finite), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item())
+            result["disc_loss"] = self._discriminator_update(discriminator, pairs) if finite else np.float32(np.nan)
         return result
 
     def _generator_update(self, loss: torch.Tensor, discriminator) -> None:

@@ -328,17 +328,32 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         super().on_train_epoch_start()
         self.iteration_in_epoch = 0
 
-    def check_finite_losses(self, terms: Dict[str, torch.Tensor]) -> None:
-        """Stops training on a NaN or Inf loss term, naming the term, epoch and iteration, before it
-        reaches the weights (nnU-Net itself would train on and save a broken checkpoint)."""
+    #: non-finite steps in a row that a run with nnU-Net's grad scaler rides out (the scaler skips each one)
+    max_non_finite_steps = 25
+
+    def check_finite_losses(self, terms: Dict[str, torch.Tensor]) -> bool:
+        """True when every loss term is finite. A NaN or Inf term is named with the epoch, iteration and cases.
+        Without a grad scaler (CPU, MPS) training stops before the term reaches the weights: nnU-Net itself
+        would train on and save a broken checkpoint. With nnU-Net's CUDA grad scaler, which skips a step whose
+        gradients are not finite and lowers its scale, the step is logged and left to it, as stock nnU-Net
+        does with one bad fp16 batch, until ``max_non_finite_steps`` in a row stop the run."""
         names = list(terms)
         finite = torch.isfinite(torch.stack([terms[n].detach().float().reshape(()) for n in names]))
-        if not bool(finite.all()):
-            bad = {n: float(terms[n].detach().float()) for n, ok in zip(names, finite.tolist()) if not ok}
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite loss term(s) {bad} at epoch {self.current_epoch}, iteration "
-                f"{getattr(self, 'iteration_in_epoch', 0)} (cases {getattr(self, '_last_keys', '?')}); stopped before "
-                f"the weights were updated")
+        if bool(finite.all()):
+            self._non_finite_steps = 0
+            return True
+        self._non_finite_steps = getattr(self, "_non_finite_steps", 0) + 1
+        bad = {n: float(terms[n].detach().float()) for n, ok in zip(names, finite.tolist()) if not ok}
+        what = (f"{type(self).__name__}: non-finite loss term(s) {bad} at epoch {self.current_epoch}, iteration "
+                f"{getattr(self, 'iteration_in_epoch', 0)} (cases {getattr(self, '_last_keys', '?')})")
+        if self.grad_scaler is None:
+            raise FloatingPointError(f"{what}; stopped before the weights were updated")
+        if self._non_finite_steps >= self.max_non_finite_steps:
+            raise FloatingPointError(f"{what}: {self._non_finite_steps} steps in a row, stopped (the grad scaler "
+                                     f"skipped every one)")
+        self.print_to_log_file(f"warning: {what}; nnU-Net's grad scaler skips this step ({self._non_finite_steps} in a "
+                               f"row; {self.max_non_finite_steps} stop the run)", also_print_to_console=True)
+        return False
 
     def unpack_batch(self, batch: dict):
         """(data, target, keys, tumor) of an nnU-Net batch on the trainer's device: target as nnU-Net gives it
