@@ -269,3 +269,16 @@ def test_a_checkpoint_of_another_network_is_refused_naming_the_file(nnunet_folde
     path.write_text("not a checkpoint")
     with pytest.raises(UserError, match=str(path)):
         make_trainer("nnUNetTrainerSTDNet", continue_training=True).load_checkpoint(str(path))
+
+
+def test_a_truncated_checkpoint_is_called_unreadable_not_a_misfit(nnunet_folders, tmp_path):  # noqa: F811
+    """A job killed while nnU-Net wrote checkpoint_latest.pth: the advice is the fold's next checkpoint, not
+    another trainer or a fresh start."""
+    from nnunet_liver_ext.errors import UserError
+
+    path = tmp_path / "checkpoint_latest.pth"
+    make_trainer("nnUNetTrainerSTDNet").save_checkpoint(str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{path} cannot be read .*truncated or corrupt") as error:
+        make_trainer("nnUNetTrainerSTDNet", continue_training=True).load_checkpoint(str(path))
+    assert "move it aside and rerun with --c" in error.value.fix

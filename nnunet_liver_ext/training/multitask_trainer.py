@@ -439,8 +439,16 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             raise
         except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
-            raise UserError(f"{where} does not fit {type(self).__name__} with these plans: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            first_line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if isinstance(e, (EOFError, pickle.UnpicklingError)) or any(
+                    words in str(e) for words in ("PytorchStreamReader", "zip archive", "central directory")):
+                # nnU-Net writes checkpoint_latest.pth in place: a job killed meanwhile leaves it truncated
+                raise UserError(f"{where} cannot be read ({first_line}): truncated or corrupt, e.g. by a job killed "
+                                f"while it was written",
+                                "move it aside and rerun with --c: nnU-Net then resumes from the fold's next "
+                                "checkpoint (checkpoint_final, checkpoint_latest, checkpoint_best.pth, in that order)"
+                                ) from e
+            raise UserError(f"{where} does not fit {type(self).__name__} with these plans: {first_line}",
                             "resume with the trainer, plans and configuration that wrote it, or start without --c"
                             ) from e
         self._resume_random_state = None
