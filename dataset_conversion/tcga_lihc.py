@@ -288,21 +288,19 @@ def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed:
     return chosen, notes
 
 
-def check_slice_stack(info: SeriesInfo, case_id: str) -> None:
+def check_slice_stack(info: SeriesInfo, case_id: str, reader: sitk.ImageSeriesReader) -> None:
     """The series' slices form one evenly spaced stack along their normal: one orientation, no two slices at
     one position (two acquisitions in one series), no gap (a missing slice), no in-plane drift from slice to
-    slice (a gantry tilt). ITK would stack any of these at a mean spacing, with every slice after the defect
-    in the wrong place."""
-    import pydicom
-
+    slice (a gantry tilt). ITK stacks any of these at a mean spacing, with every slice after the defect in
+    the wrong place, and only warns. ``reader``: the series' reader after ``Execute`` with its per-slice
+    metadata (``MetaDataDictionaryArrayUpdateOn``), so the headers are not read a second time."""
     orientations, positions = [], []
-    for name in info.files:
-        header = pydicom.dcmread(name, stop_before_pixels=True)
-        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+    for k, name in enumerate(info.files):
+        if not (reader.HasMetaDataKey(k, "0020|0032") and reader.HasMetaDataKey(k, "0020|0037")):
             raise ConversionError(f"DICOM series {info.description!r}: a slice without ImagePositionPatient or "
                                   f"ImageOrientationPatient", case_id, name)
-        orientations.append([float(v) for v in header.ImageOrientationPatient])
-        positions.append([float(v) for v in header.ImagePositionPatient])
+        positions.append([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
+        orientations.append([float(v) for v in reader.GetMetaData(k, "0020|0037").split("\\")])
     orientations, positions = np.array(orientations), np.array(positions)
     if np.abs(orientations - orientations[0]).max() > 1e-4:
         raise ConversionError(f"DICOM series {info.description!r}: slices of different orientations", case_id,
@@ -331,14 +329,15 @@ def check_slice_stack(info: SeriesInfo, case_id: str) -> None:
 
 
 def read_series(info: SeriesInfo, case_id: str) -> sitk.Image:
-    check_slice_stack(info, case_id)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(info.files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions for check_slice_stack
     try:
         image = reader.Execute()
     except RuntimeError as e:
         raise ConversionError(f"unreadable DICOM series {info.description!r} ({str(e).strip().splitlines()[-1]})",
                               case_id, info.folder) from None
+    check_slice_stack(info, case_id, reader)
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise ConversionError(f"DICOM series {info.description!r} is not a 3D volume (size {image.GetSize()})",
                               case_id, info.folder)

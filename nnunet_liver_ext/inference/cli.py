@@ -69,7 +69,7 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
         else:
             fix = f"no fold has {args.chk} yet; train one: {train}"
         raise UserError(what, fix)
-    previous = _previous_stage(model_folder / "plans.json", args.c)
+    previous = _previous_stage(_read_plans(model_folder), args.c)
     if previous is None and args.prev_stage_predictions is not None:
         raise UserError(f"-prev_stage_predictions {args.prev_stage_predictions}: {args.c} is no stage of nnU-Net's "
                         f"cascade (it has no previous_stage in {model_folder / 'plans.json'}), so it takes no "
@@ -84,7 +84,9 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
 
 
 def _read_plans(model_folder) -> dict:
-    """The model's plans.json; empty when it cannot be read (nnU-Net reports that when it loads the model)."""
+    """The model's plans.json; empty when it cannot be read (nnU-Net reports that when it loads the model).
+    Read as JSON rather than through nnU-Net's PlansManager, whose import loads torch (about 2.5 s):
+    ``_check_model`` reports a mistake before that."""
     import json
 
     try:
@@ -93,17 +95,10 @@ def _read_plans(model_folder) -> dict:
         return {}
 
 
-def _previous_stage(plans_file, configuration: str):
-    """The ``previous_stage`` of ``configuration`` in a model's plans.json (following ``inherits_from`` as
-    nnU-Net does), or None; an unreadable plans.json is left to nnU-Net to report. Read from the JSON rather
-    than through nnU-Net's PlansManager, whose import loads torch (about 2.5 s): ``_check_model`` reports a
-    mistake before that."""
-    import json
-
-    try:
-        configurations = json.loads(plans_file.read_text()).get("configurations", {})
-    except (OSError, ValueError):
-        return None
+def _previous_stage(plans: dict, configuration: str):
+    """The ``previous_stage`` of ``configuration`` in a model's plans (following ``inherits_from`` as nnU-Net
+    does), or None."""
+    configurations = plans.get("configurations", {})
     seen = set()
     while configuration in configurations and configuration not in seen:
         seen.add(configuration)

@@ -38,4 +38,3 @@ def trained_case_heads(plans: dict) -> list:
     if "case_heads" in block:
         return list(block["case_heads"])
     return ["cls"] if block.get("case_classes") else []
-
