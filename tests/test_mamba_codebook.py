@@ -139,11 +139,11 @@ def _train_codes(optimizer_factory, steps=30):
 def test_codes_move_towards_the_features_under_adamw():
     moved, losses = _train_codes(lambda p: torch.optim.AdamW(p, lr=0.05))
     assert moved > 0.3
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.7 * losses[0]  # 0.64 here; 0.49-0.64 over seeds 0-4
     # why the trainer gives the codebook AdamW: under nnU-Net's SGD the same steps barely move the codes,
     # because a code's gradient is a mean over all bottleneck elements
     moved_sgd, _ = _train_codes(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.99, nesterov=True))
-    assert moved > 5 * moved_sgd, (moved, moved_sgd)  # 1.67 vs 0.22 here; the gap grows with the bottleneck size
+    assert moved > 5 * moved_sgd, (moved, moved_sgd)  # 1.19 vs 0.19 here; the gap grows with the bottleneck size
 
 
 def test_first_training_batch_initialises_codes_from_features_eval_does_not():
@@ -156,6 +156,17 @@ def test_first_training_batch_initialises_codes_from_features_eval_does_not():
     assert (vq.codes.detach() - 7.0).abs().max() < 1.0
     assert "initialized" in vq.state_dict() and "counts" not in vq.state_dict()
     assert "counts" not in dict(vq.named_buffers())  # DDP broadcasts buffers from rank 0 every step
+
+
+@pytest.mark.parametrize("tokens", [16, 25])
+def test_initial_codes_are_distinct_feature_vectors_while_the_batch_has_enough(tokens):
+    """Drawn with replacement, a third of 16 codes would start as twins of one vector."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 16).train()
+    features = torch.randn(1, 4, tokens)
+    vq(features)
+    nearest = torch.cdist(vq.codes.detach(), features[0].T).argmin(1)
+    assert len(set(nearest.tolist())) == 16
 
 
 def test_usage_statistics_on_a_constructed_example():
@@ -361,3 +372,33 @@ def test_encoder_path_is_the_plans_encoder_and_residual_encoder_plans_work():
     out = resenc(x, heads=True)
     (sum(s.square().mean() for s in out.seg) + out.aux_losses["vq"]).backward()
     assert all(p.grad is not None for p in resenc.parameters())
+
+
+def test_paper_widths_on_deeper_plans_train_each_output_with_nnunets_weights(monkeypatch, tmp_path):
+    """The ``_paper`` widths cut 5-stage plans to 4 stages: one target and loss weight per output the network
+    has, the coarsest weighted 0 as nnU-Net does (its wrapper zips targets with outputs and would otherwise
+    train that output with a weight of 0.13 and leave the weights summing to 0.93)."""
+    from nnunet_liver_ext.trainers.nnUNetTrainerMambaCodebook import nnUNetTrainerMambaCodebook_paper
+    from test_characterization_predictor import _trainer_plans
+
+    labels = {"background": 0, "liver": 1, "tumor": 2}
+    plans = _trainer_plans(labels)
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch.update(n_stages=5, features_per_stage=[8, 16, 32, 64, 64], kernel_sizes=[[3, 3, 3]] * 5,
+                strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], n_conv_per_stage=[1] * 5,
+                n_conv_per_stage_decoder=[1] * 4)
+    plans["configurations"]["3d_fullres"]["pool_op_kernel_sizes"] = arch["strides"]
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setattr("nnunetv2.training.nnUNetTrainer.nnUNetTrainer.infer_dataset_class", lambda folder: None)
+    dataset_json = {"labels": labels, "channel_names": {"0": "CT", "1": "CT"}, "file_ending": ".nii.gz"}
+    trainer = nnUNetTrainerMambaCodebook_paper(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json,
+                                               device=torch.device("cpu"))
+    trainer.initialize()
+    with torch.no_grad():
+        outputs = trainer.network(torch.zeros(1, 2, 16, 32, 32))
+    scales = trainer._get_deep_supervision_scales()
+    assert len(outputs) == 3 and len(scales) == 3
+    for output, scale in zip(outputs, scales):
+        assert list(output.shape[2:]) == [round(s * f) for s, f in zip((16, 32, 32), scale)]
+    weights = trainer.loss.weight_factors  # nnU-Net's DeepSupervisionWrapper
+    assert len(weights) == 3 and weights[-1] == 0 and sum(weights) == pytest.approx(1.0)

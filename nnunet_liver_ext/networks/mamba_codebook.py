@@ -170,9 +170,12 @@ class VectorQuantizer(nn.Module):
         replace = ~self.initialized.expand(k)
         if self.dead_code_restart:
             replace = replace | (self.usage_ema < self.restart_threshold / k)
-        index = torch.randint(0, flat.shape[0], (k,), device=flat.device)
+        # distinct vectors while the batch has k of them: drawn with replacement, ~k/e codes would start as twins
+        # whose nearest-code choice a 1e-3 noise decides
+        n = flat.shape[0]
+        index = torch.randperm(n, device=flat.device).repeat(-(-k // n))[:k]
         picked = flat[index].float()
-        # a little noise, so codes drawn from one vector (few tokens) still differ
+        # a little noise, so codes drawn from one vector (fewer tokens than codes) still differ
         new = picked + 1e-3 * picked.std().clamp_min(1e-6) * torch.randn_like(picked)
         # one broadcast carries rank 0's candidates and its choice of codes to replace
         packed = torch.cat((new, replace.float()[:, None]), 1)
@@ -318,7 +321,7 @@ class GlobalFeatureRepresentation(nn.Module):
 
     def feature_map_size(self, channels: int, size: Sequence[int]) -> int:
         """Elements of its intermediate tensors for one sample: norm, projections, scan states (Mamba)
-        or the attention matrix (MHSA), per direction."""
+        or the softmax statistics (MHSA), per direction."""
         tokens = int(numel(*size))
         length = size[0] if self.scan == "columns" else tokens
         sequences = tokens // length
@@ -332,8 +335,9 @@ class GlobalFeatureRepresentation(nn.Module):
             scan = sequences * m.nheads * chunks * (2 * cs * cs + 2 * m.headdim * m.d_state)
             mix = tokens * per_token + scan
         else:
-            heads = m.num_heads
-            mix = tokens * 5 * channels + sequences * heads * length * length
+            # scaled_dot_product_attention's fused kernels (fp32: CPU flash, CUDA memory-efficient) never build
+            # the length x length matrix; they keep one softmax statistic per head and token
+            mix = tokens * 5 * channels + sequences * m.num_heads * length
         directions = 2 if self.bidirectional else 1
         return int(tokens * channels * 2 + directions * mix)
 

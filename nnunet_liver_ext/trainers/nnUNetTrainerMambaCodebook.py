@@ -99,6 +99,17 @@ class nnUNetTrainerMambaCodebook(LiverMultiTaskTrainer):
             return None
         return all_labels.index(liver), all_labels.index(tumor), "softmax"
 
+    def _get_deep_supervision_scales(self):
+        # ``stage_features`` (the ``_paper`` widths) can cut the plans' U-Net to fewer stages. nnU-Net derives
+        # the targets and loss weights from the plans, and its wrapper zips them with the outputs, so without
+        # the cut the coarsest output the network has would be trained (weight 0.13, not nnU-Net's 0), the
+        # weights would not sum to 1 and the loader would downsample targets nobody reads.
+        scales = super()._get_deep_supervision_scales()
+        stage_features = self.network_kwargs.get("stage_features")
+        if scales is None or stage_features is None:
+            return scales
+        return scales[:len(stage_features) - 1]
+
     def initialize(self):
         super().initialize()
         network = unwrap_network(self.network)
