@@ -272,6 +272,30 @@ def test_dyntransnet_with_no_room_for_two_stages_is_refused(phantom):
     assert not (phantom["pre"] / "nnUNetPlans_refused.json").exists()
 
 
+def test_a_vram_target_no_patch_fits_is_refused_naming_the_target(phantom):
+    """STD-Net's per-case parts keep its estimate above a tiny target at any patch: nnU-Net's search shrinks the
+    patch to one stage and then to an empty axis (a ZeroDivisionError inside nnU-Net before)."""
+    with pytest.raises(UserError) as refused:
+        _plan(phantom, PRESETS["stdnet"], 1e-5, "nnUNetPlans_refused")
+    message = str(refused.value)
+    assert "VRAM target 1e-05 GB" in message and "at patch size [" in message, message
+    assert not (phantom["pre"] / "nnUNetPlans_refused.json").exists()
+
+
+def test_a_variant_plans_under_its_own_name_and_another_spacing_gets_its_own_data(phantom):
+    """A variant's plans must not replace the main trainer's (same default name before); plans at a spacing
+    other than nnU-Net's must not preprocess into nnU-Net's own 3d_fullres folder."""
+    with pytest.MonkeyPatch.context() as env:
+        for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+            env.setenv(var, str(phantom["root"] / folder))
+        variant = PRESETS["stdnet"](DATASET_ID, trainer="nnUNetTrainerSTDNet_noWeightSharing")
+        assert variant.plans_identifier == "nnUNetPlans_STDNet_noWeightSharing"
+        assert PRESETS["stdnet"](DATASET_ID, trainer="nnUNetTrainerSTDNet").plans_identifier == "nnUNetPlans_STDNet"
+        assert variant.generate_data_identifier("3d_fullres") == "nnUNetPlans_3d_fullres"
+        one_mm = PRESETS["stdnet"](DATASET_ID, overwrite_target_spacing=[1.0, 1.0, 1.0], plans_name="P1mm")
+        assert one_mm.generate_data_identifier("3d_fullres") == "P1mm_3d_fullres"
+
+
 def test_mamba_head_size_that_does_not_divide_the_width_is_refused(phantom):
     base = trainer_of("mamba-codebook")
     # mamba_ssm's default head size 64 does not divide 2 x 48 (the width of a 48-feature bottleneck)

@@ -70,21 +70,24 @@ def _plan(args: argparse.Namespace) -> int:
                       f"{estimate['gpu_memory_target_gb']:g} GB target (nnU-Net's U-Net at this patch and batch: "
                       f"{estimate['plain_unet_predicted_gb']:.2f} GB)")
         trainer = args.trainer or getattr(PRESETS[preset], "trainer_name", None) or "TRAINER"
+        # a 2d dataset's plans have no 3d configuration
+        main = "3d_fullres" if "3d_fullres" in plans["configurations"] else "2d"
         print(f"Wrote plans '{plans_name}' for dataset {dataset_id}. Train with: "
-              f"nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr {trainer} -p {plans_name}")
+              f"nnUNetv2_train {dataset_id} {main} FOLD -tr {trainer} -p {plans_name}")
         cascade = "3d_lowres" in plans["configurations"]
         if cascade:  # nnU-Net plans one where the full-resolution patch sees little of the median image
             print(f"These plans also have nnU-Net's cascade: nnUNetv2_train {dataset_id} 3d_lowres FOLD -tr {trainer} "
                   f"-p {plans_name} for all five folds (their validation writes the next stage's input), then "
                   f"nnUNetv2_train {dataset_id} 3d_cascade_fullres FOLD -tr {trainer} -p {plans_name}")
+        trained = [main] + (["3d_lowres"] if cascade else [])  # 3d_cascade_fullres reads 3d_fullres' data
         if args.preprocess:
-            configurations = [c for c in args.c or ["3d_fullres"]
+            configurations = [c for c in args.c or trained
                               if _data_identifier(plans, plans_name, c) not in preprocessed]
             if configurations:
                 preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
             preprocessed.update(_data_identifier(plans, plans_name, c) for c in configurations)
         else:
-            _print_preprocessing_hint(dataset_id, plans, plans_name, ["3d_fullres"] + (["3d_lowres"] if cascade else []))
+            _print_preprocessing_hint(dataset_id, plans, plans_name, trained)
     return 0
 
 
@@ -130,6 +133,8 @@ def register(subparsers) -> None:
                    help="VRAM target in GB (default: the planner's own, 8; with --resenc 8, 24 or 40)")
     p.add_argument("--overwrite-plans-name", default=None, help="name of the plans file to write")
     p.add_argument("--preprocess", action="store_true", help="also run nnU-Net's preprocessing for these plans")
-    p.add_argument("-c", nargs="+", default=None, help="configurations to preprocess (default 3d_fullres)")
+    p.add_argument("-c", nargs="+", default=None,
+                   help="configurations to preprocess (default: 3d_fullres, or 2d for a 2d dataset, and 3d_lowres "
+                        "where the plans have nnU-Net's cascade)")
     p.add_argument("-np", type=int, default=2, help="processes for preprocessing")
     p.set_defaults(func=_plan)

@@ -105,7 +105,9 @@ def total_strides(arch_kwargs: dict) -> Tuple[int, ...]:
     return tuple(int(s) for s in np.prod(strides, axis=0))
 
 
-#: voxels of the calibration patch, at most: a few seconds of CPU per network at nnU-Net's widths
+#: voxels of the calibration patch, at most, where the bottleneck allows it: a few seconds of CPU per network at
+#: nnU-Net's widths. Deep plans keep a larger patch (no axis below a bottleneck of 2 voxels): at LiTS-like
+#: spacing 96x128x128, about a minute and 5-7 GB of RAM for STD-Net or MTI-Net on a 2-core CPU
 CALIBRATION_VOXELS = {2: 256 * 256, 3: 32 * 64 * 64}
 
 

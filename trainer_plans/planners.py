@@ -25,7 +25,7 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
     nnUNetPlannerResEncL, nnUNetPlannerResEncM, nnUNetPlannerResEncXL)
 
 from nnunet_liver_ext.errors import UserError
-from nnunet_liver_ext.trainer_plans.memory import build_network, calibration_factor, predicted_gb
+from nnunet_liver_ext.trainer_plans.memory import build_network, calibration_factor, calibration_patch, predicted_gb
 
 
 class nnUNetPlannerCPUDemo(ExperimentPlanner):
@@ -104,27 +104,37 @@ class NetworkPlanner(ExperimentPlanner):
 
     #: the trainer whose network is planned (``-tr`` name); ``trainer=`` picks one of its variants
     trainer_name: str = None
-    #: plans are written as ``<U-Net planner's plans name>_<plans_suffix>`` (``nnUNetPlans_STDNet``)
+    #: plans are written as ``<U-Net planner's plans name>_<plans_suffix>`` (``nnUNetPlans_STDNet``); a variant
+    #: given as ``trainer=`` gets its own (``nnUNetPlans_STDNet_noWeightSharing``)
     plans_suffix: str = None
 
     def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: Optional[float] = None,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: Optional[str] = None,
                  overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
                  suppress_transpose: bool = False, trainer: Union[str, type, None] = None):
+        trainer = trainer or self.trainer_name
+        trainer_class = find_trainer_class(trainer) if isinstance(trainer, str) else trainer
         # the U-Net planner's own default target where none is given (8 GB, the ResEnc presets 8, 24, 40)
         target = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
         super().__init__(dataset_name_or_id, preprocessor_name=preprocessor_name,
-                         plans_name=plans_name or f"{self.unet_plans_name()}_{self.plans_suffix}",
+                         plans_name=plans_name or f"{self.unet_plans_name()}_{self.suffix_for(trainer_class)}",
                          overwrite_target_spacing=overwrite_target_spacing, suppress_transpose=suppress_transpose,
                          **target)
-        trainer = trainer or self.trainer_name
-        self.trainer_class = find_trainer_class(trainer) if isinstance(trainer, str) else trainer
+        self.trainer_class = trainer_class
         missing = [k for k in getattr(self.trainer_class, "dataset_keys_required", ()) if not self.dataset_json.get(k)]
         if missing:
             raise UserError(f"{self.trainer_class.__name__} needs dataset.json keys {missing}, which "
                             f"{self.dataset_name} does not have, so there is no network to plan for",
                             "plan a dataset that has them (`nnunet-liver trainers` lists what each trainer needs)")
         self.calibrations = {}  # spatial dims -> calibration_factor(...)
+
+    @classmethod
+    def suffix_for(cls, trainer_class: type) -> str:
+        """``plans_suffix``, or for a variant its name after ``nnUNetTrainer``: a variant's patch and batch can differ
+        from the main trainer's, and its plans must not replace the ones the main trainer trains with."""
+        if trainer_class.__name__ == cls.trainer_name:
+            return cls.plans_suffix
+        return trainer_class.__name__.removeprefix("nnUNetTrainer").lstrip("_") or trainer_class.__name__
 
     @classmethod
     def unet_plans_name(cls) -> str:
@@ -139,9 +149,11 @@ class NetworkPlanner(ExperimentPlanner):
         return self.UNet_reference_val_3d, self.UNet_reference_val_corresp_bs_3d, self.UNet_reference_val_corresp_GB
 
     def generate_data_identifier(self, configuration_name: str) -> str:
-        # spacing, resampling and normalisation are nnU-Net's defaults: reuse its preprocessed data (as its
-        # ResEnc planners do); 3d_lowres depends on the full-resolution patch, so it gets its own
-        if configuration_name in ("2d", "3d_fullres"):
+        # with nnU-Net's spacing and preprocessor, 2d and 3d_fullres data are nnU-Net's own: reuse them (as its
+        # ResEnc planners do). Another spacing or preprocessor makes other data, which must not overwrite
+        # nnU-Net's (its ResEnc planners would); 3d_lowres depends on the full-resolution patch: its own too
+        nnunet_data = self.overwrite_target_spacing is None and self.preprocessor_name == "DefaultPreprocessor"
+        if configuration_name in ("2d", "3d_fullres") and nnunet_data:
             return "nnUNetPlans_" + configuration_name
         return self.plans_identifier + "_" + configuration_name
 
@@ -159,8 +171,13 @@ class NetworkPlanner(ExperimentPlanner):
         patch = configuration["patch_size"]
         arch = configuration["architecture"]["arch_kwargs"]
         try:
+            if min(patch) < 1:
+                raise ValueError("is what nnU-Net's search reached shrinking the patch while the network's estimate "
+                                 "stayed above the VRAM target: no patch of this network fits it")
             network = build_network(self.trainer_class, self.dataset_json, configuration, input_channels,
                                     output_channels, "meta")
+            if int(arch["n_stages"]) < 2:  # no decoder: no segmentation output (and an empty deep supervision)
+                raise ValueError("leaves one stage, and the network needs an encoder and a decoder (at least two)")
             self.check_constraints(network, patch)
         except ValueError as e:
             raise UserError(
@@ -168,7 +185,8 @@ class NetworkPlanner(ExperimentPlanner):
                 f"({len(patch)}d, n_stages {arch['n_stages']}, features {list(arch['features_per_stage'])}, VRAM target "
                 f"{self.UNet_vram_target_GB} GB) {e}",
                 "no patch nnU-Net's search reaches satisfies this; change the VRAM target (--gpu-memory-target), "
-                "the trainer (--trainer) or the network's settings") from None
+                "the trainer (--trainer) or the network's settings (images this small: plan with nnU-Net's "
+                "default planner)") from None
         return network
 
     def check_constraints(self, network, patch_size: Sequence[int]) -> None:
@@ -186,6 +204,9 @@ class NetworkPlanner(ExperimentPlanner):
         """The calibration for this configuration's dimensionality, measured at its first (largest) topology."""
         dims = len(configuration["patch_size"])
         if dims not in self.calibrations:
+            patch = calibration_patch(configuration["patch_size"], configuration["architecture"]["arch_kwargs"])
+            print(f"{self.trainer_class.__name__} {dims}d memory calibration: one training forward of the network and "
+                  f"of nnU-Net's U-Net at patch {list(patch)} on the CPU (deep plans: up to a minute and several GB)")
             self.calibrations[dims] = calibration_factor(self.trainer_class, self.dataset_json, configuration,
                                                          input_channels, output_channels)
             c = self.calibrations[dims]
