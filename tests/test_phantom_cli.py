@@ -119,3 +119,52 @@ def test_tcga_dicom_test_patients_have_no_mask_and_their_truth_apart(tmp_path):
     # a truth folder inside the source folder would be read as a patient: refused
     assert main(["phantom", "tcga-dicom", "-o", str(tmp_path / "t2"), "-n", "1", "--test", "1",
                  "--test-truth", str(tmp_path / "t2" / "truth"), *SMALL]) == 2
+
+
+def test_a_dataset_id_taken_by_another_name_is_refused_before_any_case_is_generated(tmp_path, capsys, monkeypatch):
+    """nnU-Net cannot use an id two dataset folders share ("More than one dataset name found"); the check runs
+    before the cases are generated (minutes at the default size), as do those of the id and an existing target."""
+    (tmp_path / "Dataset510_A").mkdir()
+    monkeypatch.setattr(phantom_cli, "_cases", lambda *a: pytest.fail("generated before the target was checked"))
+    assert main(["phantom", "nnunet-raw", "-d", "510", "--name", "B", "--raw", str(tmp_path), *SMALL]) == 2
+    assert "dataset id 510 is taken" in capsys.readouterr().err and "Dataset510_A" in str(list(tmp_path.iterdir()))
+    assert not (tmp_path / "Dataset510_B").exists()
+    assert main(["phantom", "nnunet-raw", "-d", "1000", "--name", "B", "--raw", str(tmp_path), *SMALL]) == 2
+    assert main(["phantom", "nnunet-raw", "-d", "510", "--name", "A", "--raw", str(tmp_path), *SMALL]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [(["--prefix", "x/y"], "case id prefix"), (["--seed", "-1"], "seed")])
+def test_a_prefix_that_is_no_file_name_and_a_negative_seed_are_refused(tmp_path, capsys, option, message):
+    assert main(["phantom", "lits", "-o", str(tmp_path / "out"), "-n", "1", *option, *SMALL]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layout_is_not_written_over_another_and_a_failed_one_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Two runs into one folder used to mix (stale volumes; a DICOM series with slices of both runs)."""
+    out = tmp_path / "msd"
+    assert main(["phantom", "msd", "-o", str(out), "-n", "2", *SMALL]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["phantom", "msd", "-o", str(out), "-n", "1", "--seed", "9", *SMALL]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+    def fail(*args, **kwargs):
+        raise ValueError("disk full")
+    monkeypatch.setattr("nnunet_liver_ext.phantom.writers.write_lits", fail)
+    assert main(["phantom", "lits", "-o", str(tmp_path / "lits"), "-n", "1", *SMALL]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["msd"]  # no folder, no hidden temporary one
+
+
+def test_dicom_uids_differ_between_phantoms_of_other_seeds(tmp_path):
+    """A converter or PACS that sees two phantom datasets must not merge their series: UIDs follow the content."""
+    import pydicom
+
+    uids = []
+    for seed in (0, 7):
+        out = tmp_path / f"seed{seed}"
+        assert main(["phantom", "tcga-dicom", "-o", str(out), "-n", "1", "--seed", str(seed), *SMALL]) == 0
+        first = pydicom.dcmread(sorted(out.rglob("*.dcm"))[0], stop_before_pixels=True)
+        uids.append((first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID))
+    assert all(a != b for a, b in zip(*uids)), uids

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -82,25 +84,34 @@ def _cases(args, config):
     return train, test
 
 
+def _exit_on_sigterm(signum, frame):
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the writers remove their temporary folders
+    raise SystemExit(128 + signum)
+
+
 def _run(handler):
     def wrapped(args) -> int:
         start = time.time()
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             out = handler(args)
         except (ValueError, FileExistsError, TypeError) as err:
             print(f"nnunet-liver phantom: error: {err}", file=sys.stderr)
             return 2
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         print(f"wrote {out} ({time.time() - start:.1f} s)")
         return 0
     return wrapped
 
 
 def _nnunet_raw(args):
-    from nnunet_liver_ext.phantom.writers import write_nnunet_raw
+    from nnunet_liver_ext.phantom.writers import check_raw_target, write_nnunet_raw
 
     raw = args.raw or os.environ.get("nnUNet_raw")
     if not raw:
         raise ValueError("no raw folder: pass --raw DIR or set nnUNet_raw")
+    check_raw_target(Path(raw), args.dataset_id, args.name, args.overwrite)  # before minutes of generating
     config = _config(args)
     train, test = _cases(args, config)
     return write_nnunet_raw(Path(raw), args.dataset_id, args.name, train, test, mode=args.mode,
@@ -108,25 +119,48 @@ def _nnunet_raw(args):
 
 
 def _layout(args):
-    from nnunet_liver_ext.phantom import writers
-
+    out = Path(args.output)
+    # a layout written over another mixes with it (stale volumes, DICOM series with slices of two runs)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; a source layout is written into a new or empty "
+                              f"folder (remove it, or choose another -o)")
     config = _config(args)
     train, test = _cases(args, config)
-    out = Path(args.output)
+    # built in a temporary sibling and moved into place when complete: a failed or killed run leaves no half layout
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        written = _write_layout(args, tmp, out, train, test)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / written.relative_to(tmp)
+
+
+def _write_layout(args, tmp: Path, out: Path, train, test) -> Path:
+    from nnunet_liver_ext.phantom import writers
+
     if args.layout == "lits":
-        return writers.write_lits(out, train, test)
+        return writers.write_lits(tmp, train, test)
     if args.layout == "msd":
-        return writers.write_msd_task03(out, train, test, apple_double=args.apple_double)
+        return writers.write_msd_task03(tmp, train, test, apple_double=args.apple_double)
     if args.layout == "atlas":
-        return writers.write_atlas(out, train)
+        return writers.write_atlas(tmp, train)
     if args.layout == "tcga-dicom":
-        root = writers.write_tcga_dicom(out, train, test, truth_dir=args.test_truth)
+        truth = Path(args.test_truth) if args.test_truth else out.with_name(out.name + "_test_truth")
+        if test and truth.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"the test truth folder {truth} is inside the source folder {out}, where the "
+                             f"converter would read it as a patient")
+        root = writers.write_tcga_dicom(tmp, train, test, truth_dir=truth if test else None)
         if test:
-            truth = Path(args.test_truth) if args.test_truth else out.with_name(out.name + "_test_truth")
-            print(f"{len(test)} held-out patient(s) without masks in {root}; their truth in {truth} "
-                  f"(labelsTs/, test_targets.json)")
+            print(f"{len(test)} held-out patient(s) without masks in {out / root.relative_to(tmp)}; their truth in "
+                  f"{truth} (labelsTs/, test_targets.json)")
         return root
-    return writers.write_dynamic_mri(out, train, with_curves=not args.no_curves)
+    return writers.write_dynamic_mri(tmp, train, with_curves=not args.no_curves)
 
 
 def _preview(args):

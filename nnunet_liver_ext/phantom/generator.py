@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import re
+
 import numpy as np
 from scipy import ndimage
 
@@ -242,6 +244,12 @@ def generate_cases(n: int, config: PhantomConfig, seed: int, prefix: str = "phan
     """Cases `prefix_000` ... ; case i depends only on (seed, i, config), not on n."""
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    # the prefix becomes file names (nnU-Net's CASE_0000.nii.gz): a slash would make folders nnU-Net never reads
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(prefix)):
+        raise ValueError(f"case id prefix must be letters, digits, '_' or '-' (starting with a letter or digit), "
+                         f"got {prefix!r}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     indices = range(int(start), int(start) + int(n))
     if progress:
         from tqdm import tqdm

@@ -110,9 +110,32 @@ def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     if target.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-        shutil.rmtree(target)
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+        # the old dataset leaves only once the new one is in place: a kill in between leaves one of them
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     os.replace(tmp, target)
+
+
+def check_raw_target(raw_root, dataset_id: int, name: str, overwrite: bool = False) -> Path:
+    """``raw_root/Dataset{id:03d}_{name}``, once id and name are valid, it does not exist (or ``overwrite``), and
+    no dataset of another name has the id (nnU-Net then finds neither: "More than one dataset name found")."""
+    if not (0 < int(dataset_id) < 1000):
+        raise ValueError(f"dataset_id must be in 1..999, got {dataset_id}")
+    if not name or any(ch in name for ch in "/\\ ") or name.startswith("."):
+        raise ValueError(f"dataset name must be a non-empty word without spaces or slashes, got {name!r}")
+    raw_root = Path(raw_root)
+    target = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
+    others = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir() and p != target)
+    if others:
+        raise FileExistsError(f"dataset id {int(dataset_id)} is taken in {raw_root} by {', '.join(others)}; nnU-Net "
+                              f"needs one name per id (choose another id, or remove that dataset)")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,10 +153,7 @@ def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Sequence
     """
     if mode not in ("sequence", "channels"):
         raise ValueError(f"mode must be 'sequence' or 'channels', got {mode!r}")
-    if not (0 < int(dataset_id) < 1000):
-        raise ValueError(f"dataset_id must be in 1..999, got {dataset_id}")
-    if not name or any(ch in name for ch in "/\\ ") or name.startswith("."):
-        raise ValueError(f"dataset name must be a non-empty word without spaces or slashes, got {name!r}")
+    target = check_raw_target(raw_root, dataset_id, name, overwrite)
     train_cases = _check_cases(train_cases, "write_nnunet_raw(train_cases)")
     test_cases = _check_cases(test_cases, "write_nnunet_raw(test_cases)")
     if not train_cases:
@@ -148,9 +168,6 @@ def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Sequence
         raise ValueError(f"case ids in both train and test cases: {sorted(duplicated)}")
 
     raw_root = Path(raw_root)
-    target = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = raw_root / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -323,8 +340,11 @@ def _write_dicom_patient(root: Path, pid: str, index: int, case: PhantomCase) ->
     rng = np.random.default_rng([zlib.crc32(case.case_id.encode()), index])
     study_date = _dt.datetime(2000, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 4500)),
                                                          seconds=int(rng.integers(8 * 3600, 17 * 3600)))
-    study_uid = _uid(pid, case.case_id, "study")
-    frame_uid = _uid(pid, case.case_id, "frame")
+    # UIDs from the case's content too: phantoms of other seeds or settings must not share them (a converter or
+    # PACS that sees both would merge their series)
+    content = (case.seed, case.index, zlib.crc32(np.ascontiguousarray(case.images[0]).tobytes()))
+    study_uid = _uid(pid, case.case_id, *content, "study")
+    frame_uid = _uid(pid, case.case_id, *content, "frame")
     study_folder = f"{study_date:%m-%d-%Y}-NA-CT ABDOMEN LIVER-{int(rng.integers(10000, 99999))}"
     descending = bool(rng.random() < 0.5)
     nz, ny, nx = case.label.shape
@@ -335,7 +355,7 @@ def _write_dicom_patient(root: Path, pid: str, index: int, case: PhantomCase) ->
         desc = variants[int(rng.integers(len(variants)))]
         descriptions[phase] = desc
         series_number = k + 2
-        series_uid = _uid(pid, case.case_id, "series", phase)
+        series_uid = _uid(pid, case.case_id, *content, "series", phase)
         folder = root / pid / study_folder / f"{series_number}.000000-{desc}-{int(rng.integers(10000, 99999))}"
         folder.mkdir(parents=True, exist_ok=True)
         acq_s = 60.0 + float(case.acquisition_times_s[k])  # scan starts a minute after study start
@@ -343,7 +363,7 @@ def _write_dicom_patient(root: Path, pid: str, index: int, case: PhantomCase) ->
         stored = (hu + 1024).astype(np.int16)
         for z in range(nz):
             instance = nz - z if descending else z + 1
-            sop_uid = _uid(pid, case.case_id, phase, z)
+            sop_uid = _uid(pid, case.case_id, *content, phase, z)
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
             meta.MediaStorageSOPInstanceUID = sop_uid
