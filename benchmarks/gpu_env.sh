@@ -12,8 +12,11 @@ ln -sfn ../dataset_conversion nnunet_liver_ext/dataset_conversion
 ln -sfn ../trainer_plans nnunet_liver_ext/trainer_plans
 export PYTHONPATH=$TMPDIR/site:$PWD PYTHONUNBUFFERED=1 nnUNet_extTrainer=$PWD/nnunet_liver_ext/trainers
 # A device call ends at its time limit (600 s unless the call asks for less) and returns only what is under
-# $OUT by then: the runners stop their work a little earlier, so that they still copy what finished.
+# $OUT by then: the runners stop their work a little earlier, so that they still copy what finished. The
+# limit counts from the call's start ($SECONDS: the runner's shell), the install above included.
 within_call_limit() {
-  if command -v timeout >/dev/null; then timeout --signal=TERM --kill-after=10 "${GPU_CALL_SECONDS:-570}" "$@"
+  local left=$(( ${GPU_CALL_SECONDS:-570} - SECONDS ))
+  if [ "$left" -lt 1 ]; then return 124; fi
+  if command -v timeout >/dev/null; then timeout --signal=TERM --kill-after=10 "$left" "$@"
   else "$@"; fi
 }

@@ -39,8 +39,12 @@ def timed_train_steps(trainer, batch: dict, iterations: int, warmup: int) -> dic
     scaler on CUDA) over ``iterations`` steps after ``warmup`` untimed ones (torch.compile and cuDNN's autotuning
     happen there), the peak GPU memory of the timed steps, and whether every loss was finite.
 
-    The same batch every step: the figure is the network's and optimiser's cost, not the data loader's."""
+    The same batch every step: the figure is the network's and optimiser's cost, not the data loader's.
+    ``resident_gb``: what was allocated when the timed steps began (weights, gradients, optimiser state, and
+    anything an earlier trainer left behind); ``scaler_skipped_steps``: timed steps whose update the grad scaler
+    skipped (its scale fell), which cost less than a real step."""
     device = trainer.device
+    scaler = getattr(trainer, "grad_scaler", None)
     trainer.network.train()
     losses = []
     start = time.perf_counter()
@@ -50,15 +54,21 @@ def timed_train_steps(trainer, batch: dict, iterations: int, warmup: int) -> dic
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+    skipped = 0
     start = time.perf_counter()
     for _ in range(iterations):
+        # float(loss) syncs every step anyway (nnU-Net's train_step returns it on the CPU), so reading the scale does too
+        scale = scaler.get_scale() if scaler is not None else None
         losses.append(float(trainer.train_step(batch)["loss"]))
+        skipped += int(scale is not None and scaler.get_scale() < scale)
     synchronize(device)
     result = {"s_per_iteration": (time.perf_counter() - start) / iterations, "warmup_s": warmup_s,
-              "iterations": iterations, "warmup": warmup,
+              "iterations": iterations, "warmup": warmup, "scaler_skipped_steps": skipped if scaler else None,
               "losses_finite": bool(torch.isfinite(torch.tensor(losses)).all())}
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        result["resident_gb"] = resident / 2 ** 30
     return result
 
 
