@@ -92,14 +92,18 @@ def _exit_on_sigterm(signum, frame):
 def _run(handler):
     def wrapped(args) -> int:
         start = time.time()
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        except ValueError:  # not the main thread: signals stay as they are
+            previous = _exit_on_sigterm
         try:
             out = handler(args)
         except (ValueError, FileExistsError, TypeError) as err:
             print(f"nnunet-liver phantom: error: {err}", file=sys.stderr)
             return 2
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not _exit_on_sigterm:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         print(f"wrote {out} ({time.time() - start:.1f} s)")
         return 0
     return wrapped
