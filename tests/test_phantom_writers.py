@@ -222,3 +222,27 @@ def test_tcga_dicom_series_read_back_in_slice_order(tmp_path, ct_cases):
     with pytest.raises(ValueError, match="MRI"):
         write_tcga_dicom(tmp_path / "mri", generate_cases(1, PhantomConfig(modality="MRI", shape=SHAPE), 0,
                                                             progress=False))
+
+
+def test_nnunet_raw_writes_each_case_before_the_next_is_generated(tmp_path):
+    """Cases from ``iter_cases`` are written one at a time (all of them in memory before: 63 MiB a case at the
+    default 64x192x192, so `-n 200` took ~12 GB); the dataset is the one the lists give."""
+    from nnunet_liver_ext.phantom import PhantomConfig, generate_cases, write_nnunet_raw
+    from nnunet_liver_ext.phantom.generator import iter_cases
+
+    config = PhantomConfig(shape=(8, 32, 32), n_lesions_range=(1, 1), p_no_lesion=0.0)
+    images_written = []
+
+    def watched(cases):
+        for case in cases:
+            images_written.append(len(list(tmp_path.glob("lazy/.*tmp*/images*/*_0000.nii.gz"))))
+            yield case
+    lazy = write_nnunet_raw(tmp_path / "lazy", 7, "Lazy", watched(iter_cases(3, config, 2, progress=False)),
+                            watched(iter_cases(1, config, 2, progress=False, start=3)))
+    assert images_written == [0, 1, 2, 3]
+    eager = write_nnunet_raw(tmp_path / "eager", 7, "Lazy", generate_cases(3, config, 2, progress=False),
+                             generate_cases(1, config, 2, progress=False, start=3))
+    assert (lazy / "dataset.json").read_text() == (eager / "dataset.json").read_text()
+    assert (lazy / "test_targets.json").read_text() == (eager / "test_targets.json").read_text()
+    assert [p.read_bytes() for p in sorted(lazy.rglob("*.nii.gz"))] == \
+        [p.read_bytes() for p in sorted(eager.rglob("*.nii.gz"))]

@@ -69,19 +69,20 @@ def _config(args):
         low_contrast_fraction=args.low_contrast_fraction)
 
 
-def _cases(args, config):
-    from nnunet_liver_ext.phantom.generator import generate_cases
+def _cases(args, config, lazy: bool = False):
+    """Training and test cases; ``lazy``: generated one at a time as the writer consumes them."""
+    from nnunet_liver_ext.phantom.generator import iter_cases
 
     if args.num_cases < 1:
         raise ValueError(f"--num-cases must be >= 1, got {args.num_cases}")
     n_test = getattr(args, "test", 0) or 0
     if n_test < 0:
         raise ValueError(f"--test must be >= 0, got {n_test}")
-    train = generate_cases(args.num_cases, config, args.seed, prefix=args.prefix, progress=not args.no_progress)
+    train = iter_cases(args.num_cases, config, args.seed, prefix=args.prefix, progress=not args.no_progress)
     # Test cases continue the index sequence, so their ids never clash with training ids.
-    test = generate_cases(n_test, config, args.seed, prefix=args.prefix, progress=not args.no_progress,
-                          start=args.num_cases) if n_test else []
-    return train, test
+    test = iter_cases(n_test, config, args.seed, prefix=args.prefix, progress=not args.no_progress,
+                      start=args.num_cases) if n_test else iter(())
+    return (train, test) if lazy else (list(train), list(test))
 
 
 def _exit_on_sigterm(signum, frame):
@@ -117,7 +118,7 @@ def _nnunet_raw(args):
         raise ValueError("no raw folder: pass --raw DIR or set nnUNet_raw")
     check_raw_target(Path(raw), args.dataset_id, args.name, args.overwrite)  # before minutes of generating
     config = _config(args)
-    train, test = _cases(args, config)
+    train, test = _cases(args, config, lazy=True)  # one case in memory at a time
     return write_nnunet_raw(Path(raw), args.dataset_id, args.name, train, test, mode=args.mode,
                             overwrite=args.overwrite)
 

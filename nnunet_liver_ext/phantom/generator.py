@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import re
+from typing import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -242,6 +243,13 @@ def _apply_motion(array: np.ndarray, spacing, origin, motion: dict, fill: float)
 def generate_cases(n: int, config: PhantomConfig, seed: int, prefix: str = "phantom",
                    progress: bool = True, start: int = 0) -> list[PhantomCase]:
     """Cases `prefix_000` ... ; case i depends only on (seed, i, config), not on n."""
+    return list(iter_cases(n, config, seed, prefix, progress, start))
+
+
+def iter_cases(n: int, config: PhantomConfig, seed: int, prefix: str = "phantom",
+               progress: bool = True, start: int = 0) -> Iterator[PhantomCase]:
+    """:func:`generate_cases` one case at a time (arguments checked now): a writer that consumes it holds one
+    case's volumes at once (about 60 MiB at 64x192x192), not all of them."""
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     # the prefix becomes file names (nnU-Net's CASE_0000.nii.gz): a slash would make folders nnU-Net never reads
@@ -256,4 +264,4 @@ def generate_cases(n: int, config: PhantomConfig, seed: int, prefix: str = "phan
 
         indices = tqdm(indices, desc=f"phantom {config.modality} {'x'.join(map(str, config.shape))}",
                        unit="case")
-    return [generate_case(config, seed, i, f"{prefix}_{i:03d}") for i in indices]
+    return (generate_case(config, seed, i, f"{prefix}_{i:03d}") for i in indices)

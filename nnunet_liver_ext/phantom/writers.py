@@ -7,6 +7,7 @@ uint8. Geometry (spacing, origin, direction) comes from the case (`PhantomCase.t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -106,6 +107,21 @@ def _provenance(cases: Sequence[PhantomCase]) -> dict:
             "cases": per_case}
 
 
+def _check_next_case(case: PhantomCase, written: dict, split: str) -> None:
+    """The checks of :func:`_check_cases` for one more case of ``split`` against those ``written`` so far."""
+    what = f"write_nnunet_raw({split}_cases)"
+    if not isinstance(case, PhantomCase):
+        raise TypeError(f"{what}: expected PhantomCase objects, got {type(case).__name__}")
+    done = written["train"] + written["test"]
+    if any(c.case_id == case.case_id for c in done):
+        same = any(c.case_id == case.case_id for c in written[split])
+        raise ValueError(f"{what}: duplicate case id {case.case_id!r}" if same else
+                         f"case ids in both train and test cases: [{case.case_id!r}]")
+    if done and (case.modality != done[0].modality or tuple(case.phases) != tuple(done[0].phases)):
+        raise ValueError(f"case {case.case_id} has {case.modality} {case.phases}; the dataset is "
+                         f"{done[0].modality} {done[0].phases} (every case needs the same channels)")
+
+
 def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     if target.exists():
         if not overwrite:
@@ -142,42 +158,44 @@ def check_raw_target(raw_root, dataset_id: int, name: str, overwrite: bool = Fal
 # nnU-Net raw
 
 
-def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Sequence[PhantomCase],
-                     test_cases: Sequence[PhantomCase] = (), mode: str = "sequence",
+def _without_volumes(case: PhantomCase) -> PhantomCase:
+    """What dataset.json needs of a written case (ids, class, curve, provenance), its volumes dropped."""
+    return dataclasses.replace(case, images=[], aligned_images=[], label=np.zeros((0, 0, 0), np.uint8),
+                               lesion_map=np.zeros((0, 0, 0), np.uint8), tissue_map=None)
+
+
+def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Iterable[PhantomCase],
+                     test_cases: Iterable[PhantomCase] = (), mode: str = "sequence",
                      overwrite: bool = False) -> Path:
     """`raw_root/Dataset{id:03d}_{name}/` following DESIGN.md: phases as channels (motion-free
     `aligned_images`, channel k = phase k), labels 0/1/2, case targets in dataset.json.
 
     The dataset is built in a temporary sibling folder and moved into place at the end, so a
     failure leaves no half dataset. Test-case truth goes to labelsTs/ and test_targets.json.
+    The cases may come one at a time (``generator.iter_cases``): each is written, then only what
+    dataset.json needs of it is kept, so memory holds one case's volumes, not the dataset's.
     """
     if mode not in ("sequence", "channels"):
         raise ValueError(f"mode must be 'sequence' or 'channels', got {mode!r}")
     target = check_raw_target(raw_root, dataset_id, name, overwrite)
-    train_cases = _check_cases(train_cases, "write_nnunet_raw(train_cases)")
-    test_cases = _check_cases(test_cases, "write_nnunet_raw(test_cases)")
-    if not train_cases:
-        raise ValueError("write_nnunet_raw needs at least one training case")
-    reference = train_cases[0]
-    for case in train_cases + test_cases:
-        if case.modality != reference.modality or tuple(case.phases) != tuple(reference.phases):
-            raise ValueError(f"case {case.case_id} has {case.modality} {case.phases}; the dataset is "
-                             f"{reference.modality} {reference.phases} (every case needs the same channels)")
-    duplicated = {c.case_id for c in train_cases} & {c.case_id for c in test_cases}
-    if duplicated:
-        raise ValueError(f"case ids in both train and test cases: {sorted(duplicated)}")
-
     raw_root = Path(raw_root)
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = raw_root / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    written = {"train": [], "test": []}
     try:
-        for folder_images, folder_labels, cases in (("imagesTr", "labelsTr", train_cases),
-                                                    ("imagesTs", "labelsTs", test_cases)):
+        for split, folder_images, folder_labels, cases in (("train", "imagesTr", "labelsTr", train_cases),
+                                                           ("test", "imagesTs", "labelsTs", test_cases)):
             for case in cases:
+                _check_next_case(case, written, split)
                 for k, array in enumerate(case.aligned_images):
                     _write_image(case, array, tmp / folder_images / f"{case.case_id}_{k:04d}.nii.gz")
                 _write_image(case, case.label, tmp / folder_labels / f"{case.case_id}.nii.gz", label=True)
+                written[split].append(_without_volumes(case))
+            if split == "train" and not written["train"]:
+                raise ValueError("write_nnunet_raw needs at least one training case")
+        train_cases, test_cases = written["train"], written["test"]
+        reference = train_cases[0]
         channel = "CT" if reference.modality == "CT" else "T1"
         classes = _class_list(train_cases + test_cases)
         dataset = {
