@@ -22,7 +22,8 @@ else
   source "$repo/scripts/setup_env.sh"
 fi
 mkdir -p "$out/fold0_validation"
-fold="$(echo "$work"/nnUNet_results/*/"${trainer}__nnUNetPlans_CPUDemo__3d_fullres"/fold_0)"
+# the demo's configuration (3d_fullres when the committed runs were made, 2d since commit bb05e85)
+fold="$(echo "$work"/nnUNet_results/*/"${trainer}__nnUNetPlans_CPUDemo__"*/fold_0)"
 cp "$fold"/training_log_*.txt "$out/training_log.txt"
 cp "$fold/validation/characterization.csv" "$out/fold0_validation_characterization.csv"
 cp "$work/predictions/characterization.csv" "$out/test_characterization.csv"

@@ -117,8 +117,8 @@ def register(subparsers) -> None:
     p.add_argument("-d", required=True, help="dataset id or name")
     p.add_argument("--preset", nargs="+", default=["cpu-demo"], choices=["cpu-demo", "default", *NETWORK_PRESETS],
                    metavar="PRESET",
-                   help="one or more of: cpu-demo (8..64 features, one conv per stage, for 2-core CPUs; plans "
-                        "nnUNetPlans_CPUDemo), default (nnU-Net's ExperimentPlanner), and one VRAM-aware planner per "
+                   help="one or more of: cpu-demo (8 base features, at most 64 in 3d and 128 in 2d, one conv per "
+                        "stage, for 2-core CPUs; plans nnUNetPlans_CPUDemo), default (nnU-Net's ExperimentPlanner), and one VRAM-aware planner per "
                         "network: stdnet, dyntransnet, mamba-codebook, mti-net (patch and batch from the network's "
                         "own memory estimate; plans nnUNetPlans_STDNet, nnUNetPlans_DynTransNet, "
                         "nnUNetPlans_MambaCodebook, nnUNetPlans_MTINet)")
