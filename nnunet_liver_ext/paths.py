@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +10,16 @@ TRAINERS_DIR = Path(__file__).resolve().parent / "trainers"
 NNUNET_FOLDER_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
-def ext_trainer_export_line() -> str:
-    """The shell line that makes stock `nnUNetv2_train -tr` find our trainers."""
-    return f"export nnUNet_extTrainer={TRAINERS_DIR}"
+def ext_trainer_export_line(environ=None) -> str:
+    """The shell line that makes stock `nnUNetv2_train -tr` find our trainers, for ``eval``: quoted (a path
+    with a space or a ``$``), and keeping the folders the variable already lists (other trainers)."""
+    env = os.environ if environ is None else environ
+    value = (env.get("nnUNet_extTrainer") or "").strip()
+    if points_at_our_trainers(env):
+        folders = value
+    else:
+        folders = f"{value}{os.pathsep}{TRAINERS_DIR}" if value else str(TRAINERS_DIR)
+    return f"export nnUNet_extTrainer={shlex.quote(folders)}"
 
 
 @dataclass(frozen=True)

@@ -162,9 +162,15 @@ def test_env_check(tree):
     assert f"export nnUNet_extTrainer={TRAINERS_DIR}" in out and "shell profile" in out
     rc, out = nnunet_liver("env", "--check", env=_env(tree, nnUNet_extTrainer="/elsewhere"))
     assert rc == 1 and f'export nnUNet_extTrainer="/elsewhere{os.pathsep}{TRAINERS_DIR}"' in out, out
-    # plain `env` stays one eval-able line
-    rc, out = nnunet_liver("env")
+    # plain `env` stays one eval-able line, which keeps the folders the variable lists already
+    rc, out = nnunet_liver("env", env=_env(tree, nnUNet_extTrainer=None))
     assert rc == 0 and out.strip() == f"export nnUNet_extTrainer={TRAINERS_DIR}"
+    rc, out = nnunet_liver("env", env=_env(tree, nnUNet_extTrainer="/opt/my trainers"))
+    exported = subprocess.run(["bash", "-c", f'{out.strip()}; printf %s "$nnUNet_extTrainer"'], capture_output=True,
+                              text=True, check=True).stdout
+    assert exported == f"/opt/my trainers{os.pathsep}{TRAINERS_DIR}", out
+    rc, out = nnunet_liver("env", env=_env(tree, nnUNet_extTrainer=f"/a{os.pathsep}{TRAINERS_DIR}"))
+    assert out.strip() == f"export nnUNet_extTrainer=/a{os.pathsep}{TRAINERS_DIR}"  # already there: unchanged
 
 
 def test_trainers_typo():

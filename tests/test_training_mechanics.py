@@ -59,6 +59,10 @@ def test_case_targets_lookup_and_unknown_cases():
 @pytest.mark.parametrize("patch,message", [
     ({"characterization": {"classes": ["HCC"], "cases": {"case_7": 3}}}, "case 'case_7' has class index 3"),
     ({"enhancement": {"case_8": [1.0, 2.0]}}, "case 'case_8' has 2 values"),
+    # one NaN made the standardisation stats NaN, and with them every case's curve loss
+    ({"enhancement": {"case_9": [1.0, float("nan"), 2.0]}}, "case 'case_9' has .*finite numbers"),
+    ({"enhancement": {"case_9": [1.0, None, 2.0]}}, "case 'case_9' has"),
+    ({"enhancement": {"case_9": 7}}, "case 'case_9' has 7"),
 ])
 def test_case_targets_reject_bad_entries_naming_the_case(patch, message):
     with pytest.raises(ValueError, match=message):
@@ -80,6 +84,11 @@ def test_masked_losses_match_the_unmasked_loss_on_the_kept_samples_and_stay_conn
     assert none.item() == 0.0
     none.backward()  # graph-connected: DDP sees a gradient (zero) for every head parameter
     assert logits.grad is not None and logits.grad.abs().sum() == 0
+    # an excluded sample's inf (an fp16 overflow) used to make the connected zero NaN
+    logits = torch.tensor([[float("inf"), 0.0, 0.0]] * 2, requires_grad=True)
+    none = masked_cross_entropy(logits, torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and logits.grad.abs().sum() == 0
     pred, target = torch.randn(3, 4), torch.randn(3, 4)
     keep = torch.tensor([False, True, True])
     torch.testing.assert_close(masked_l1(pred, target, keep), (pred[1:] - target[1:]).abs().mean())
@@ -169,3 +178,20 @@ def test_with_a_grad_scaler_a_non_finite_step_is_skipped_until_too_many_in_a_row
     trainer.train_step(batch)
     with pytest.raises(FloatingPointError, match="3 steps in a row, stopped"):
         trainer.train_step(batch)
+
+
+def test_curves_whose_length_is_not_the_channel_count_stop_training_at_once_without_a_phases_key(monkeypatch,
+                                                                                                  tmp_path):
+    """Without 'phases' the channels are the phases; 4-value curves on 3 channels used to fail in the first batch's
+    torch.tensor, naming nothing."""
+    from nnunet_liver_ext.trainers.nnUNetTrainerMTINet import nnUNetTrainerMTINet
+    from test_characterization_predictor import _trainer_plans
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    labels = {"background": 0, "liver": 1, "tumor": 2}
+    dataset_json = {"labels": labels, "channel_names": {"0": "T1", "1": "T1", "2": "T1"}, "file_ending": ".nii.gz",
+                    "characterization": {"classes": ["A", "B"], "cases": {"a": 0, "b": 1}},
+                    "enhancement": {"a": [1.0, 2.0, 3.0, 4.0], "b": [2.0, 2.0, 2.0, 2.0]}}
+    with pytest.raises(ValueError, match=r"curves of 4 values, but without a 'phases' key the 3 input channels"):
+        nnUNetTrainerMTINet(dict(_trainer_plans(labels), continue_training=False), "3d_fullres", 0, dataset_json,
+                            device=torch.device("cpu"))

@@ -37,6 +37,12 @@ def samples_over_ranks(mask: torch.Tensor) -> torch.Tensor:
     return count
 
 
+def connected_zero(x: torch.Tensor) -> torch.Tensor:
+    """0 connected to ``x``'s graph (DDP wants every parameter in it) with a zero gradient, also where an
+    excluded sample holds inf or NaN (``x.sum() * 0`` is NaN there)."""
+    return x.float().nan_to_num(0.0, 0.0, 0.0).sum() * 0.0
+
+
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the samples where ``mask`` is True (over every rank's, under DDP).
 
@@ -44,7 +50,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     """
     count = samples_over_ranks(mask)
     if not mask.any() or count.item() == 0:
-        return logits.float().sum() * 0.0
+        return connected_zero(logits)
     return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum") / count
 
 
@@ -53,7 +59,7 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     their values. prediction/target (B, N), mask (B,)."""
     count = samples_over_ranks(mask)
     if not mask.any() or count.item() == 0:
-        return prediction.float().sum() * 0.0
+        return connected_zero(prediction)
     per_sample = (prediction[mask].float() - target[mask].float()).abs().mean(1)
     return per_sample.sum() / count
 
@@ -63,7 +69,7 @@ def masked_bce_with_logits(logits: torch.Tensor, real: bool, mask: torch.Tensor)
     ``mask`` (B,) is True (over every rank's, under DDP)."""
     count = samples_over_ranks(mask)
     if not mask.any() or count.item() == 0:
-        return logits.float().sum() * 0.0
+        return connected_zero(logits)
     kept = logits[mask].float()
     return F.binary_cross_entropy_with_logits(kept, torch.full_like(kept, 1.0 if real else 0.0),
                                               reduction="sum") / count

@@ -8,6 +8,7 @@ never given a made-up one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,11 @@ class CaseTargets:
         phases = dataset_json.get("phases")
         enhancement = {}
         for case, curve in (dataset_json.get("enhancement") or {}).items():
+            # one NaN would make the standardisation stats NaN, and with them every case's curve loss
+            if not isinstance(curve, (list, tuple)) or not curve or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in curve):
+                raise ValueError(f"dataset.json enhancement: case {case!r} has {curve!r}; a curve is a list of finite "
+                                 f"numbers, one per phase (leave a case without a curve out of 'enhancement')")
             if phases is not None and len(curve) != len(phases):
                 raise ValueError(f"dataset.json enhancement: case {case!r} has {len(curve)} values but "
                                  f"phases are {phases}")

@@ -186,6 +186,13 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
         if targets.phases is None:
             self.print_to_log_file("dataset.json has no 'phases' key: the input channels are read as phases in "
                                    "channel order.")
+            channels = len(dataset_json["channel_names"])
+            lengths = sorted({len(curve) for curve in targets.enhancement.values()})
+            if "curve" in self.case_heads and lengths and lengths != [channels]:
+                # otherwise the first batch fails inside torch.tensor, naming nothing
+                raise ValueError(f"dataset.json enhancement: curves of {lengths[0]} values, but without a 'phases' key "
+                                 f"the {channels} input channels are the phases: add 'phases' (one name per curve "
+                                 f"value, in channel order) or give one value per channel")
         if self.is_cascaded:
             # the networks that read phases encode it with every phase image; the others read it as stock nnU-Net
             read_as = "encoded together with every phase image" if self.network_takes_channels_per_phase \
