@@ -62,8 +62,11 @@ def known_datasets() -> dict[str, list[str]]:
 def describe_datasets(datasets: dict[str, list[str]] | None = None) -> str:
     datasets = known_datasets() if datasets is None else datasets
     if not datasets:
-        folders = ", ".join(f"{v}={os.environ.get(v) or '(unset)'}" for v in NNUNET_FOLDERS)
-        return f"no DatasetXXX_Name folder in {folders}"
+        def state(var: str) -> str:
+            value = os.environ.get(var)
+            return "(unset)" if not value else value if os.path.isdir(value) else f"{value} (no such folder)"
+        folders = ", ".join(f"{v}={state(v)}" for v in NNUNET_FOLDERS)
+        return f"no DatasetXXX_Name folder in {folders} (`{ENV_CHECK}` checks these variables)"
     return "datasets here: " + ", ".join(f"{name[7:10].lstrip('0') or '0'} ({name})" for name in datasets)
 
 
@@ -79,6 +82,15 @@ def resolve_dataset(dataset: str | int) -> str:
     if text.startswith("Dataset"):
         if not _DATASET_DIR.match(text):
             raise UserError(f"dataset name {text!r} is not of nnU-Net's form DatasetXXX_Name", describe_datasets())
+        known = known_datasets()
+        if text not in known:
+            raise UserError(f"no dataset {text} in nnUNet_raw, nnUNet_preprocessed or nnUNet_results",
+                            describe_datasets(known))
+        # nnU-Net looks datasets up by id further on, and fails on an id two names share
+        same_id = sorted(n for n in known if n[7:10] == text[7:10] and n != text)
+        if same_id:
+            raise UserError(f"dataset id {int(text[7:10])} of {text} is also {', '.join(same_id)}: nnU-Net finds "
+                            f"neither by id", "rename or remove one of them (one name per id)")
         return text
     try:
         number = int(text)

@@ -146,6 +146,15 @@ def test_plan_resenc_is_for_the_network_presets(tree):
 def test_plan_unknown_dataset(tree):
     rc, out = nnunet_liver("plan", "-d", "7", env=_env(tree))
     assert_user_error(rc, out, "no dataset with id 7", "501 (Dataset501_Demo)")
+    # a name is checked too (it went on to wrong advice, or nnU-Net's traceback on an id two names share)
+    rc, out = nnunet_liver("plan", "-d", "Dataset999_Nope", env=_env(tree))
+    assert_user_error(rc, out, "no dataset Dataset999_Nope", "501 (Dataset501_Demo)")
+    (tree / "pre" / "Dataset501_Other").mkdir(parents=True)
+    rc, out = nnunet_liver("plan", "-d", "Dataset501_Demo", env=_env(tree))
+    assert_user_error(rc, out, "dataset id 501 of Dataset501_Demo is also Dataset501_Other", "one name per id")
+    rc, out = nnunet_liver("plan", "-d", "7", env=_env(tree, nnUNet_raw=str(tree / "gone"), nnUNet_preprocessed=None,
+                                                       nnUNet_results=None))
+    assert_user_error(rc, out, f"nnUNet_raw={tree / 'gone'} (no such folder)", "env --check")
 
 
 # --- env, trainers -------------------------------------------------------------------------------
