@@ -25,11 +25,19 @@ def ignore_label(labels: Optional[Mapping]) -> Optional[int]:
     return value
 
 
+def checked_phases(phases) -> tuple:
+    """dataset.json's ``phases``: a non-empty list of distinct names (a string would be read letter by letter)."""
+    if not isinstance(phases, (list, tuple)) or not phases or \
+            not all(isinstance(p, str) and p.strip() for p in phases) or len(set(phases)) != len(phases):
+        raise ValueError(f"dataset.json 'phases' must be a list of distinct phase names in channel order, e.g. "
+                         f"[\"arterial\", \"portal_venous\", \"delayed\"]; got {phases!r}")
+    return tuple(phases)
+
+
 def channels_per_phase(phases: Sequence[str], num_image_channels: int) -> int:
     """Image channels per phase: dataset.json's ``phases`` name the phases in channel order, each phase one block
     of consecutive channels (``channel_names``), one channel per phase in the converters' datasets."""
-    if not phases:
-        raise ValueError("dataset.json 'phases' is empty")
+    phases = checked_phases(phases)
     if num_image_channels < len(phases) or num_image_channels % len(phases):
         raise ValueError(f"{num_image_channels} image channels cannot be split into the {len(phases)} phases "
                          f"{list(phases)} of dataset.json (each phase takes the same number of consecutive channels)")

@@ -63,6 +63,8 @@ def test_case_targets_lookup_and_unknown_cases():
     ({"enhancement": {"case_9": [1.0, float("nan"), 2.0]}}, "case 'case_9' has .*finite numbers"),
     ({"enhancement": {"case_9": [1.0, None, 2.0]}}, "case 'case_9' has"),
     ({"enhancement": {"case_9": 7}}, "case 'case_9' has 7"),
+    ({"phases": "pv"}, "'phases' must be a list of distinct phase names"),  # was read as phases 'p' and 'v'
+    ({"phases": ["arterial", "arterial", "delayed"]}, "'phases' must be a list of distinct"),
 ])
 def test_case_targets_reject_bad_entries_naming_the_case(patch, message):
     with pytest.raises(ValueError, match=message):

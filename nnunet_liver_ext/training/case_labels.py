@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from nnunet_liver_ext.dataset_json import checked_phases
+
 
 @dataclass(frozen=True)
 class CaseTargets:
@@ -34,6 +36,8 @@ class CaseTargets:
                                  f"but classes are {list(classes)}")
             class_of_case[case] = index
         phases = dataset_json.get("phases")
+        if phases is not None:
+            phases = checked_phases(phases)
         enhancement = {}
         for case, curve in (dataset_json.get("enhancement") or {}).items():
             # one NaN would make the standardisation stats NaN, and with them every case's curve loss
