@@ -252,6 +252,7 @@ def unet_estimate(configuration: dict) -> float:
                                                         arch["arch_kwargs"], arch["_kw_requires_import"])
 
 
+@pytest.mark.slow  # 16 s; the ResEnc-L planning test above keeps the residual-encoder presets in the fast suite
 def test_a_small_target_on_resenc_gives_stdnet_less_than_nnunets_resenc(phantom):
     from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
         nnUNetPlannerResEncM
