@@ -38,21 +38,28 @@ _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
 # helpers
 
 
+def _check_case(case: PhantomCase, what: str, seen: set, modality: str | None = None,
+                phases: Iterable[str] = ()) -> None:
+    """One case of a writer's input: a PhantomCase whose id is not among ``seen`` (then added), of the
+    layout's modality and with its phases."""
+    if not isinstance(case, PhantomCase):
+        raise TypeError(f"{what}: expected PhantomCase objects, got {type(case).__name__}")
+    if case.case_id in seen:
+        raise ValueError(f"{what}: duplicate case id {case.case_id!r}")
+    seen.add(case.case_id)
+    if modality is not None and case.modality != modality:
+        raise ValueError(f"{what}: case {case.case_id} is {case.modality}, this layout holds {modality} only")
+    missing = [p for p in phases if p not in case.phases]
+    if missing:
+        raise ValueError(f"{what}: case {case.case_id} lacks phase(s) {missing} (has {case.phases})")
+
+
 def _check_cases(cases: Sequence[PhantomCase], what: str, modality: str | None = None,
                  phases: Iterable[str] = ()) -> list[PhantomCase]:
     cases = list(cases)
-    seen = set()
+    seen: set = set()
     for case in cases:
-        if not isinstance(case, PhantomCase):
-            raise TypeError(f"{what}: expected PhantomCase objects, got {type(case).__name__}")
-        if case.case_id in seen:
-            raise ValueError(f"{what}: duplicate case id {case.case_id!r}")
-        seen.add(case.case_id)
-        if modality is not None and case.modality != modality:
-            raise ValueError(f"{what}: case {case.case_id} is {case.modality}, this layout holds {modality} only")
-        missing = [p for p in phases if p not in case.phases]
-        if missing:
-            raise ValueError(f"{what}: case {case.case_id} lacks phase(s) {missing} (has {case.phases})")
+        _check_case(case, what, seen, modality, phases)
     return cases
 
 
@@ -105,21 +112,6 @@ def _provenance(cases: Sequence[PhantomCase]) -> dict:
         per_case[case.case_id] = entry
     return {"generator": "nnunet_liver_ext.phantom", "version": __version__, "configs": configs,
             "cases": per_case}
-
-
-def _check_next_case(case: PhantomCase, written: dict, split: str) -> None:
-    """The checks of :func:`_check_cases` for one more case of ``split`` against those ``written`` so far."""
-    what = f"write_nnunet_raw({split}_cases)"
-    if not isinstance(case, PhantomCase):
-        raise TypeError(f"{what}: expected PhantomCase objects, got {type(case).__name__}")
-    done = written["train"] + written["test"]
-    if any(c.case_id == case.case_id for c in done):
-        same = any(c.case_id == case.case_id for c in written[split])
-        raise ValueError(f"{what}: duplicate case id {case.case_id!r}" if same else
-                         f"case ids in both train and test cases: [{case.case_id!r}]")
-    if done and (case.modality != done[0].modality or tuple(case.phases) != tuple(done[0].phases)):
-        raise ValueError(f"case {case.case_id} has {case.modality} {case.phases}; the dataset is "
-                         f"{done[0].modality} {done[0].phases} (every case needs the same channels)")
 
 
 def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -183,11 +175,19 @@ def write_nnunet_raw(raw_root, dataset_id: int, name: str, train_cases: Iterable
     tmp = raw_root / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     written = {"train": [], "test": []}
+    seen = {"train": set(), "test": set()}
     try:
         for split, folder_images, folder_labels, cases in (("train", "imagesTr", "labelsTr", train_cases),
                                                            ("test", "imagesTs", "labelsTs", test_cases)):
-            for case in cases:
-                _check_next_case(case, written, split)
+            other = seen["test" if split == "train" else "train"]
+            for case in cases:  # checked one at a time: they may come from a generator
+                _check_case(case, f"write_nnunet_raw({split}_cases)", seen[split])
+                if case.case_id in other:
+                    raise ValueError(f"case ids in both train and test cases: [{case.case_id!r}]")
+                first = written["train"][0] if written["train"] else None
+                if first is not None and (case.modality, tuple(case.phases)) != (first.modality, tuple(first.phases)):
+                    raise ValueError(f"case {case.case_id} has {case.modality} {case.phases}; the dataset is "
+                                     f"{first.modality} {first.phases} (every case needs the same channels)")
                 for k, array in enumerate(case.aligned_images):
                     _write_image(case, array, tmp / folder_images / f"{case.case_id}_{k:04d}.nii.gz")
                 _write_image(case, case.label, tmp / folder_labels / f"{case.case_id}.nii.gz", label=True)
