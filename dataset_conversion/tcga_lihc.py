@@ -177,11 +177,11 @@ def split_by_study(series: list[SeriesInfo], case_id: str, mapping: dict, needed
     studies = {uid: members for uid, members in studies.items() if uid in with_images}
     if len(studies) <= 1:
         return series, []
+    dates = {uid: next((s.study_date for s in members if s.study_date), None) for uid, members in studies.items()}
 
     def describe(uid):
         found = assign_phases([SeriesInfo(**vars(s)) for s in studies[uid]], case_id, mapping, needed)[0]
-        date = next((s.study_date for s in studies[uid] if s.study_date), "no date")
-        return f"study {uid} ({date}): {sorted(found, key=CT_PHASES.index) or 'no phase'}", found
+        return f"study {uid} ({dates[uid] or 'no date'}): {sorted(found, key=CT_PHASES.index) or 'no phase'}", found
 
     summaries = {uid: describe(uid) for uid in studies}
     segs = {s.study for s in series if s.modality == "SEG"} & with_images
@@ -193,7 +193,7 @@ def split_by_study(series: list[SeriesInfo], case_id: str, mapping: dict, needed
             raise IncompleteCaseError(f"no single study has every needed phase {needed} (phases of different dates "
                                       f"are never mixed): " + "; ".join(t for t, _ in summaries.values()),
                                       case_id, series[0].folder)
-        chosen = min(complete, key=lambda uid: (next((s.study_date for s in studies[uid] if s.study_date), "~"), uid))
+        chosen = min(complete, key=lambda uid: (dates[uid] or "~", uid))  # undated studies after dated ones
         why = f"the {'earliest' if len(complete) > 1 else 'only'} study with every needed phase"
     others = "; ".join(text for uid, (text, _) in summaries.items() if uid != chosen)
     return studies[chosen] + companions, [f"{len(studies)} studies: used {summaries[chosen][0]} ({why}); ignored "
