@@ -290,3 +290,28 @@ def test_stock_networks_keep_nnunets_loader(nnunet_folders, tmp_path):  # noqa: 
     four = make_trainer("nnUNetTrainer", {**SINGLE_PHASE, "channel_names": {str(c): "CT" for c in range(4)}})
     with pytest.raises(AssertionError, match="not the same"):
         _load_like_nnunetv2_train(four, tmp_path / "stock.pth")
+
+
+def test_a_loader_another_extension_installed_first_still_gets_stock_networks(nnunet_folders, monkeypatch):  # noqa: F811
+    """Another extension that rebinds the same nnU-Net name before our trainers are imported keeps its loader for
+    networks that are not ours; ours keeps STD-Net's, and installing twice changes nothing."""
+    import nnunetv2.run.run_training as run_training
+
+    from nnunet_liver_ext.training import pretrained
+
+    calls = []
+
+    def their_loader(network, fname, verbose=False):
+        calls.append((type(network).__name__, fname))
+        return "theirs"
+
+    monkeypatch.setattr(run_training, "load_pretrained_weights", their_loader)
+    monkeypatch.setattr(pretrained, "_replaced_loader", None)
+    pretrained.install()
+    pretrained.install()
+    assert run_training.load_pretrained_weights is pretrained.load_pretrained_weights
+    assert run_training.load_pretrained_weights(torch.nn.Conv3d(1, 1, 1), "model.pth") == "theirs"
+    assert calls == [("Conv3d", "model.pth")]
+    with pytest.raises(UserError, match="no such file"):  # ours, not theirs: STD-Net asks for its own rule
+        run_training.load_pretrained_weights(make_trainer("nnUNetTrainerSTDNet").network, "missing.pth")
+    assert len(calls) == 1

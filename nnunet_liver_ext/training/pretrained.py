@@ -16,7 +16,8 @@ nnU-Net changes, and nnU-Net's behaviour does not either except for networks tha
 
 - a network with a ``load_pretrained_state`` method (STD-Net, MTI-Net, the Mamba-codebook U-Net) gets
   it, and the report of loaded, adapted and skipped keys is printed;
-- any other network (stock nnU-Net's, DynTransNet's) goes to nnU-Net's own function, unchanged.
+- any other network (stock nnU-Net's, DynTransNet's) goes to the loader that was bound before: nnU-Net's own
+  function, or another extension's replacement installed earlier, unchanged.
 """
 from __future__ import annotations
 
@@ -74,9 +75,12 @@ def load_pretrained_weights(network, fname: str, verbose: bool = False):
     """Drop-in for ``nnunetv2.run.load_pretrained_weights.load_pretrained_weights`` (same arguments).
 
     Networks with ``load_pretrained_state`` take the weights under ``networks.transfer``'s rule; the report
-    is printed (rank 0 under DDP) and returned. Any other network: nnU-Net's function, its result returned."""
+    is printed (rank 0 under DDP) and returned. Any other network: the loader :func:`install` replaced
+    (nnU-Net's function unless another extension had replaced it first), its result returned."""
     module = unwrap_network(network)
     if not callable(getattr(module, "load_pretrained_state", None)):
+        if _replaced_loader is not None:
+            return _replaced_loader(network, fname, verbose=verbose)
         from nnunetv2.run import load_pretrained_weights as nnunet_loader
 
         return nnunet_loader.load_pretrained_weights(network, fname, verbose=verbose)
@@ -88,8 +92,16 @@ def load_pretrained_weights(network, fname: str, verbose: bool = False):
     return report
 
 
+#: what ``run_training.load_pretrained_weights`` was before :func:`install`; networks that are not ours go there,
+#: so another extension that rebinds the same name keeps working whichever is imported first
+_replaced_loader = None
+
+
 def install() -> None:
     """Routes ``nnUNetv2_train -pretrained_weights`` through :func:`load_pretrained_weights` (idempotent)."""
+    global _replaced_loader
     import nnunetv2.run.run_training as run_training
 
-    run_training.load_pretrained_weights = load_pretrained_weights
+    if run_training.load_pretrained_weights is not load_pretrained_weights:
+        _replaced_loader = run_training.load_pretrained_weights
+        run_training.load_pretrained_weights = load_pretrained_weights
