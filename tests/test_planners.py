@@ -16,6 +16,7 @@
 import copy
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -295,6 +296,42 @@ def test_a_variant_plans_under_its_own_name_and_another_spacing_gets_its_own_dat
     assert variant.generate_data_identifier("3d_fullres") == "nnUNetPlans_3d_fullres"
     variant.overwrite_target_spacing, variant.plans_identifier = [1.0, 1.0, 1.0], "P1mm"  # as __init__ sets them
     assert variant.generate_data_identifier("3d_fullres") == "P1mm_3d_fullres"
+
+
+def test_preprocess_leaves_the_data_shared_with_nnunets_plans_alone_and_refuses_conflicting_plans(
+        phantom, monkeypatch, capsys, tmp_path):
+    """``plan --preset stdnet --preprocess`` on a dataset whose nnU-Net 3d_fullres data is complete: nnU-Net's
+    preprocessing would delete that folder (under any stock training reading it) and make the same data again, so it
+    is left alone; an interrupted folder counts as missing. Other plans that claim the folder with another spacing
+    (nnU-Net's -overwrite_target_spacing without a plans name of its own) are a UserError naming them."""
+    from nnunet_liver_ext.cli import main
+    from nnunet_liver_ext.trainer_plans.cli import _data_folder_complete
+
+    for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(phantom["root"] / folder))
+    shared = phantom["pre"] / "nnUNetPlans_3d_fullres"
+    before = {f.name: f.stat().st_ino for f in shared.iterdir()}
+    custom = load_plans(phantom, "nnUNetPlans")
+    custom["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]
+    conflicting = phantom["pre"] / "nnUNetPlans_custom.json"
+    conflicting.write_text(json.dumps(custom))
+    try:
+        assert main(["plan", "-d", str(DATASET_ID), "--preset", "stdnet", "--preprocess", "-np", "1"]) == 1
+    finally:
+        conflicting.unlink()
+    assert re.search(r"nnUNetPlans_STDNet 3d_fullres reads .*nnUNetPlans_3d_fullres, which nnUNetPlans_custom.json "
+                     r"writes with other preprocessing \(spacing: \[2.0, 2.0, 2.0\] there", capsys.readouterr().err)
+    assert main(["plan", "-d", str(DATASET_ID), "--preset", "stdnet", "--preprocess", "-np", "1"]) == 0
+    assert "already complete: not preprocessed again" in capsys.readouterr().out
+    assert {f.name: f.stat().st_ino for f in shared.iterdir()} == before  # not one file written again
+
+    partial = tmp_path / "nnUNetPlans_3d_fullres"
+    partial.mkdir()
+    for f in shared.glob("*.pkl"):
+        (partial / f.name).write_bytes(f.read_bytes())
+    assert _data_folder_complete(partial, phantom["pre"].name)
+    next(partial.glob("*.pkl")).unlink()
+    assert not _data_folder_complete(partial, phantom["pre"].name)
 
 
 def test_mamba_head_size_that_does_not_divide_the_width_is_refused(phantom):

@@ -33,8 +33,67 @@ def _data_identifier(plans: dict, plans_name: str, configuration: str) -> str:
     return plans["configurations"].get(configuration, {}).get("data_identifier", f"{plans_name}_{configuration}")
 
 
-def _plan(args: argparse.Namespace) -> int:
+#: what decides a configuration's preprocessed data (nnU-Net's DefaultPreprocessor reads these and nothing else of
+#: the configuration; the plans' transpose_forward too)
+_PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "preprocessor_name",
+                       "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+                       "resampling_fn_seg_kwargs")
+
+
+def _data_folder_complete(folder, dataset_name: str) -> bool:
+    """Whether ``folder`` holds every training case of the raw dataset (nnU-Net writes a case's .pkl after its
+    arrays, so a .pkl is a finished case); an interrupted preprocessing leaves some out."""
+    import json
+
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunet_liver_ext.errors import env_folder
+
+    raw = env_folder("nnUNet_raw") / dataset_name
+    cases = get_filenames_of_train_images_and_targets(str(raw), json.loads((raw / "dataset.json").read_text()))
+    return bool(cases) and all((folder / f"{case}.pkl").is_file() for case in cases)
+
+
+def _check_shared_data(plans: dict, plans_name: str, configuration: str, folder) -> None:
+    """A UserError when another plans file of the dataset writes the same data folder with other preprocessing
+    (nnU-Net's plans made with -overwrite_target_spacing but no plans name of their own write nnUNetPlans_3d_fullres
+    at their spacing): these plans would train on data they do not describe, or preprocessing them would rewrite
+    the other plans' data."""
+    import json
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     from nnunet_liver_ext.errors import UserError
+
+    ours = PlansManager(plans)
+    identifier = _data_identifier(plans, plans_name, configuration)
+    for other_file in sorted(folder.glob("*.json")):
+        if other_file.stem == plans_name:
+            continue
+        try:
+            other_plans = json.loads(other_file.read_text())
+            other = PlansManager(other_plans).get_configuration(configuration)
+        except Exception:  # dataset.json, the fingerprint, plans without this configuration
+            continue
+        if other.data_identifier != identifier:
+            continue
+        differ = [k for k in _PREPROCESSING_KEYS
+                  if other.configuration.get(k) != ours.get_configuration(configuration).configuration.get(k)]
+        if other_plans.get("transpose_forward") != plans.get("transpose_forward"):
+            differ.append("transpose_forward")
+        if differ:
+            mine = ours.get_configuration(configuration).configuration
+            details = "; ".join(f"{k}: {other.configuration.get(k, other_plans.get(k))} there, "
+                                f"{mine.get(k, plans.get(k))} here" for k in differ)
+            raise UserError(f"{plans_name} {configuration} reads the preprocessed data in {folder / identifier}, "
+                            f"which {other_file.name} writes with other preprocessing ({details})",
+                            f"plan nnU-Net's own plans under another name (nnUNetv2_plan_experiment ... "
+                            f"-overwrite_plans_name NAME) so that {other_file.stem} no longer claims {identifier}, "
+                            f"then preprocess its data again")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nnunet_liver_ext.errors import UserError, env_folder
 
     if len(args.preset) > 1 and args.overwrite_plans_name:
         raise UserError("--overwrite-plans-name names one plans file, but several presets were given",
@@ -80,12 +139,23 @@ def _plan(args: argparse.Namespace) -> int:
                   f"-p {plans_name} for all five folds (their validation writes the next stage's input), then "
                   f"nnUNetv2_train {dataset_id} 3d_cascade_fullres FOLD -tr {trainer} -p {plans_name}")
         trained = [main] + (["3d_lowres"] if cascade else [])  # 3d_cascade_fullres reads 3d_fullres' data
+        folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
+        for c in args.c or trained:
+            if c in plans["configurations"]:
+                _check_shared_data(plans, plans_name, c, folder)
         if args.preprocess:
-            configurations = [c for c in args.c or trained
-                              if _data_identifier(plans, plans_name, c) not in preprocessed]
+            wanted = [c for c in args.c or trained if _data_identifier(plans, plans_name, c) not in preprocessed]
+            # nnU-Net's preprocessing deletes the data folder first: the folder these plans share with nnU-Net's own
+            # (and every other network's) is left alone when complete: a stock training may be reading it
+            reused = [c for c in wanted if _data_identifier(plans, plans_name, c) != f"{plans_name}_{c}"
+                      and _data_folder_complete(folder / _data_identifier(plans, plans_name, c), plans["dataset_name"])]
+            for c in reused:
+                print(f"{c} reads the preprocessed data in {folder / _data_identifier(plans, plans_name, c)}, which "
+                      f"nnU-Net's plans share and which is already complete: not preprocessed again")
+            configurations = [c for c in wanted if c not in reused]
             if configurations:
                 preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
-            preprocessed.update(_data_identifier(plans, plans_name, c) for c in configurations)
+            preprocessed.update(_data_identifier(plans, plans_name, c) for c in wanted)
         else:
             _print_preprocessing_hint(dataset_id, plans, plans_name, trained)
     return 0
@@ -99,7 +169,7 @@ def _print_preprocessing_hint(dataset_id: int, plans: dict, plans_name: str, con
 
     folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
     present = [c for c in configurations
-               if any((folder / _data_identifier(plans, plans_name, c)).glob("*.pkl"))]
+               if _data_folder_complete(folder / _data_identifier(plans, plans_name, c), plans["dataset_name"])]
     for c in present:
         print(f"{c} reads the preprocessed data in {folder / _data_identifier(plans, plans_name, c)}, which is "
               f"already there: nothing to preprocess for it")
