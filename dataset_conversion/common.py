@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_liver_ext.voxels import non_finite_description, short_error, stored_voxels
+
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 # Same names and order as nnunet_liver_ext.phantom (checked by a test); duplicated so the
 # converters do not depend on the phantom package.
@@ -187,7 +189,9 @@ def is_junk_file(name: str) -> bool:
 
 
 def read_image(path: str | os.PathLike, case_id: str) -> sitk.Image:
-    """Read a 3D image; any failure becomes a ConversionError naming the case and file."""
+    """Read a 3D image; any failure becomes a ConversionError naming the case and file. A truncated file and NaN or
+    infinite voxels count as failures: SimpleITK reads both in a NIfTI file as zeros without a word, so the voxels
+    are checked as stored (``nnunet_liver_ext.voxels``)."""
     path = str(path)
     if not os.path.isfile(path):
         raise ConversionError("file does not exist", case_id, path)
@@ -204,6 +208,14 @@ def read_image(path: str | os.PathLike, case_id: str) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ConversionError(f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} "
                               f"components per voxel", case_id, path)
+    try:
+        voxels = stored_voxels(path, lambda: image)
+    except Exception as e:  # noqa: BLE001 - zlib, nibabel and ITK each raise their own kind
+        raise ConversionError(f"the voxel data are damaged, the file is truncated or corrupt "
+                              f"({type(e).__name__}: {short_error(e)})", case_id, path) from None
+    non_finite = non_finite_description(voxels)
+    if non_finite:
+        raise ConversionError(f"image contains {non_finite}", case_id, path)
     return image
 
 
@@ -747,14 +759,6 @@ def format_report_table(report: dict) -> str:
 # --------------------------------------------------------------------------------------
 # per-case writing shared by the converters
 # --------------------------------------------------------------------------------------
-def check_image_values(image: sitk.Image, case_id: str, path: str) -> None:
-    """nnU-Net refuses NaN voxels at verification time; fail here, naming the file."""
-    array = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        raise ConversionError(f"image contains {int((~np.isfinite(array)).sum())} NaN/infinite voxels",
-                              case_id, path)
-
-
 def output_paths(out_dir: str, case_id: str, split: str, num_channels: int) -> tuple[list[str], str | None]:
     images_folder = "imagesTr" if split == "train" else "imagesTs"
     images = [os.path.join(out_dir, images_folder, f"{case_id}_{k:04d}.nii.gz") for k in range(num_channels)]
@@ -786,7 +790,6 @@ def convert_single_image_case(task: CaseTask, out_dir: str, options: ConversionO
     `task.extra["labels"]` optionally the allowed label values (default 0/1/2)."""
     (phase, image_path), = task.images.items()
     image = read_image(image_path, task.case_id)
-    check_image_values(image, task.case_id, image_path)
     notes = []
     label = None
     if task.split == "train":

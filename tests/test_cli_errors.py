@@ -2,6 +2,7 @@
 exit status 1, no traceback. Run through the installed console script in subprocesses, as a user
 meets them. Nothing here trains: the checks run on folder layouts, before nnU-Net loads anything."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -321,6 +322,38 @@ def test_evaluate_single_folder_does_not_claim_folds(bench):
     report = (out / "report.md").read_text()
     assert report.splitlines()[0] == "# Evaluation of validation: 2 cases"
     assert "pooled over" not in report and "fold" not in report.split("## Segmentation")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "the voxel data are damaged, the file is truncated or corrupt"),
+    ("flipped", "direction of"),
+    ("shifted", "origin of"),
+])
+def test_evaluate_refuses_a_damaged_or_misaligned_prediction_naming_it(bench, capsys, damage, message):
+    """A killed export leaves a truncated .nii.gz that SimpleITK reads as zeros from the cut on; a segmentation on
+    another grid (flipped or shifted against the reference) matches voxel by voxel only by accident. Both used to
+    be scored."""
+    gt = bench / "pre" / "Dataset601_Bench" / "gt_segmentations"
+    # case_b: a label map of some size, so that a cut-off copy still has its header
+    noise = np.random.default_rng(0).integers(0, 3, (20, 64, 64)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(noise), str(gt / "case_b.nii.gz"))
+    pred = bench / "pred"
+    shutil.copytree(gt, pred)
+    target = pred / "case_b.nii.gz"
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[: int(target.stat().st_size * 0.6)])
+        assert sitk.GetArrayFromImage(sitk.ReadImage(str(target))).shape == noise.shape  # SimpleITK reads it
+    else:
+        image = sitk.ReadImage(str(target))
+        if damage == "flipped":
+            image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))  # the same voxels, mirrored in space
+        else:
+            image.SetOrigin([o + 20.0 for o in image.GetOrigin()])
+        sitk.WriteImage(image, str(target))
+    assert main(["evaluate", str(pred), str(gt), "-o", str(bench / "eval"), "-np", "1", "--quiet", "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert "case case_b" in err and str(target) in err and message in err, err
+    assert "Traceback" not in err
 
 
 # --- real bugs keep their traceback ----------------------------------------------------------------

@@ -204,6 +204,29 @@ def k_mask_without_patient(tmp, c):
     return src
 
 
+def _truncate(path: Path, keep: float) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def k_truncated_nifti(tmp, c):
+    src = lits_src(tmp, c); _truncate(src / "volume-1.nii", 2 / 3); return src
+
+
+def k_truncated_gzip_label(tmp, c):
+    src = msd_src(tmp, c); _truncate(src / "labelsTr" / "liver_0.nii.gz", 1 / 2); return src
+
+
+def k_nan_voxels(tmp, c):
+    src = mri_src(tmp, c)
+
+    def with_nan(image):
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        array[2, 10:14, 10:14] = np.nan
+        return _with_array(image, array)
+    _rewrite(src / "images" / "mri_001" / "arterial.nii.gz", with_nan)
+    return src
+
+
 BAD_INPUTS = {
     # kind: (converter, cases fixture, build, case id, file fragment, message)
     "unreadable file": (lits, "ct_cases", k_unreadable, "lits_1", "volume-1.nii", "unreadable image"),
@@ -239,6 +262,12 @@ BAD_INPUTS = {
                               r"missing phase\(s\) \['delayed'\]"),
     "mask without patient": (tcga_lihc, "ct_cases", k_mask_without_patient, "TCGA-PH-0099", "TCGA-PH-0099.nii.gz",
                              "mask without a patient folder"),
+    # SimpleITK reads these as zeros without an error (the voxels are checked as stored)
+    "truncated NIfTI": (lits, "ct_cases", k_truncated_nifti, "lits_1", "volume-1.nii", "truncated or corrupt"),
+    "truncated .nii.gz label": (msd, "ct_cases", k_truncated_gzip_label, "liver_0", "labelsTr/liver_0.nii.gz",
+                                "truncated or corrupt"),
+    "NaN voxels in a phase": (dynamic_mri, "mri_cases", k_nan_voxels, "mri_001", "arterial.nii.gz",
+                              "contains 16 NaN voxels of"),
 }
 
 

@@ -31,6 +31,7 @@ from nnunet_liver_ext.errors import UserError
 from nnunet_liver_ext.evaluation import lesions as lesion_metrics
 from nnunet_liver_ext.evaluation.characterization import load_case_prediction
 from nnunet_liver_ext.evaluation.metrics import Region, regions_from_labels, segmentation_metrics
+from nnunet_liver_ext.voxels import non_finite_description, short_error, stored_voxels
 
 CACHE_FILE = ".metrics_cache.json"
 CACHE_VERSION = 3  # bump whenever a metric's computation changes
@@ -120,6 +121,14 @@ def read_label_map(path: str | Path, case: str) -> tuple[np.ndarray, tuple[float
         raise ValueError(f"case {case}: cannot read {path}: {str(e).strip().splitlines()[-1]}") from e
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"case {case}: {path} is not a single-channel label map")
+    # through SimpleITK a truncated NIfTI file (a killed export) reads as zeros from the cut on, and NaN as 0
+    try:
+        non_finite = non_finite_description(stored_voxels(str(path), lambda: image))
+    except Exception as e:  # noqa: BLE001 - zlib, nibabel and ITK each raise their own kind
+        raise ValueError(f"case {case}: cannot read {path}: the voxel data are damaged, the file is truncated or "
+                         f"corrupt ({type(e).__name__}: {short_error(e)})") from e
+    if non_finite:
+        raise ValueError(f"case {case}: {path} holds {non_finite}; not a label map")
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         rounded = np.rint(array)
@@ -137,6 +146,15 @@ def _check_geometry(case: str, pred_path: str, gt_path: str, pred_img, gt_img, p
     if not np.allclose(pred_img.GetSpacing(), gt_img.GetSpacing(), rtol=1e-3, atol=1e-4):
         raise ValueError(f"case {case}: spacing of {pred_path} {pred_img.GetSpacing()[::-1]} differs from "
                          f"{gt_path} {gt_img.GetSpacing()[::-1]} (z, y, x)")
+    # voxels are compared index by index, so both must lie on one grid in space too (a mask flipped or shifted
+    # against the image it was drawn on scores as if it were not); 1e-3 mm and 1e-4 cosine cover NIfTI's float32
+    for name, a, b, atol in (("origin", pred_img.GetOrigin(), gt_img.GetOrigin(), 1e-3),
+                             ("direction", pred_img.GetDirection(), gt_img.GetDirection(), 1e-4)):
+        if not np.allclose(a, b, rtol=1e-5, atol=atol):
+            fmt = lambda v: "(" + ", ".join(f"{x:.6g}" for x in v) + ")"  # noqa: E731
+            raise ValueError(f"case {case}: {name} of {pred_path} {fmt(a)} differs from {gt_path} {fmt(b)} (x, y, z): "
+                             f"the two are not on one grid; resample one onto the other (e.g. the prediction of an "
+                             f"image converted with --orient is on that image's grid, not the source mask's)")
 
 
 def compute_case(job: CaseJob, settings: EvaluationSettings) -> dict:

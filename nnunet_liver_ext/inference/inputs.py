@@ -15,7 +15,7 @@ each case's list to its reader. What it does with a bad case (checked with nnune
 
 This module finds all of these first. A case with a defect is reported by name with the file at
 fault and left out; the others are predicted. Headers and geometry are read with SimpleITK (what
-nnU-Net's default ``SimpleITKIO`` uses); the voxels of NIfTI files with nibabel (see ``_voxels``:
+nnU-Net's default ``SimpleITKIO`` uses); the voxels of NIfTI files with nibabel (see ``nnunet_liver_ext.voxels``:
 SimpleITK hides NaN and truncation there), of other formats with SimpleITK. Spacing is compared
 with nnU-Net's own tolerance (``np.allclose`` defaults, as in its reader); origin and direction
 too, with an absolute floor of 1e-4. Voxels are checked after the cast to float32 that nnU-Net's
@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from nnunet_liver_ext.dataset_json import channels_per_phase
+from nnunet_liver_ext.voxels import non_finite_description, short_error, stored_voxels
 
 CHANNEL_DIGITS = 4  # nnU-Net's channel suffix: CASE_0000, CASE_0001, ...
 REGISTRATION_FIX = ("resample every phase onto the reference phase's grid (rigid registration, as the training "
@@ -132,28 +133,6 @@ class _Image:
     direction: tuple
 
 
-def short_error(error: BaseException) -> str:
-    """SimpleITK's exceptions carry a C++ trace; the last non-empty line says what happened (the type's
-    name for an empty message)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def _voxels(path: str, reader) -> np.ndarray:
-    """The voxel values as stored. NIfTI files are read with nibabel: SimpleITK 2.5 (ITK 5.4) reads
-    NaN and infinite NIfTI voxels as 0 and fills the missing part of a truncated file with zeros,
-    without an error, so through it neither defect can be seen (nnU-Net's SimpleITKIO then
-    predicts from those zeros). Other formats come from SimpleITK, which keeps NaN."""
-    if path.endswith((".nii", ".nii.gz")):
-        import nibabel
-
-        # dataobj applies the header's scaling (scl_slope/scl_inter) like any reader does
-        return np.asanyarray(nibabel.load(path).dataobj)
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(reader.Execute())
-
-
 def _read_checked(case: str, path: str, label: str, problems: List[InputProblem]) -> Optional[_Image]:
     """Reads one channel file; appends what is wrong with it to ``problems`` and returns its
     geometry (as SimpleITK, hence nnU-Net's SimpleITKIO, sees it), or None when it cannot be used."""
@@ -179,22 +158,16 @@ def _read_checked(case: str, path: str, label: str, problems: List[InputProblem]
                                      "split it into one file per phase: CASE_0000, CASE_0001, ..."))
         return None
     try:
-        array = _voxels(path, reader)
+        array = stored_voxels(path, reader.Execute)
     except Exception as e:  # noqa: BLE001 - zlib, nibabel and ITK each raise their own kind
         problems.append(InputProblem(case, path, f"cannot be read ({label}): the voxel data are damaged "
                                                  f"({type(e).__name__}: {short_error(e)})", unreadable))
         return None
-    if not np.issubdtype(array.dtype, np.integer):
-        # nnU-Net's reader casts to float32 ('unsafe'): check what the network would get
-        with np.errstate(over="ignore"):
-            finite = np.isfinite(array.astype(np.float32, copy=False))
-        bad = int(finite.size - np.count_nonzero(finite))
-        if bad:
-            nan = int(np.count_nonzero(np.isnan(array)))
-            what = f"{nan} NaN" + (f" and {bad - nan} infinite" if bad > nan else "") if nan else f"{bad} infinite"
-            problems.append(InputProblem(case, path, f"has {what} voxel{'s' if bad > 1 else ''} of {finite.size} "
-                                                     f"({label}); the network would predict garbage from them",
-                                         "fix the image (e.g. replace NaN by the air value) and predict again"))
+    non_finite = non_finite_description(array)
+    if non_finite:
+        problems.append(InputProblem(case, path, f"has {non_finite} ({label}); the network would predict garbage "
+                                                 f"from them",
+                                     "fix the image (e.g. replace NaN by the air value) and predict again"))
     return info
 
 
