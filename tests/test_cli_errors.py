@@ -158,6 +158,24 @@ def test_plan_unknown_dataset(tree):
     assert_user_error(rc, out, f"nnUNet_raw={tree / 'gone'} (no such folder)", "env --check")
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--gpu-memory-target", "-4"], "--gpu-memory-target -4: the VRAM target must be a positive number of GB"),
+    (["--gpu-memory-target", "0"], "--gpu-memory-target 0: the VRAM target must be a positive number of GB"),
+    (["--gpu-memory-target", "nan"], "--gpu-memory-target nan: the VRAM target must be a positive number of GB"),
+    (["--preprocess", "-np", "0"], "-np 0: preprocessing needs at least one process"),
+    (["--preprocess", "-c", "3d_lowress"], "-c 3d_lowress: nnU-Net's configurations are 2d, 3d_fullres, 3d_lowres"),
+])
+def test_plan_options_out_of_range_are_refused_before_planning(tree, capsys, monkeypatch, option, message):
+    """A negative target planned forever, 0 ended in nnU-Net's NaN traceback, -np 0 in a traceback after the plans
+    were written, a misspelt -c in nnU-Net's "Skipping" and exit 0 with nothing preprocessed."""
+    for key, value in _env(tree).items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    assert main(["plan", "-d", "501", "--preset", "stdnet", *option]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "fingerprint" not in err, err  # refused before the inputs are even looked at
+
+
 # --- env, trainers -------------------------------------------------------------------------------
 
 def test_env_check(tree):

@@ -324,6 +324,16 @@ def test_preprocess_leaves_the_data_shared_with_nnunets_plans_alone_and_refuses_
     assert main(["plan", "-d", str(DATASET_ID), "--preset", "stdnet", "--preprocess", "-np", "1"]) == 0
     assert "already complete: not preprocessed again" in capsys.readouterr().out
     assert {f.name: f.stat().st_ino for f in shared.iterdir()} == before  # not one file written again
+    # a configuration these plans do not have: nnU-Net's preprocessing printed "Skipping" and succeeded
+    assert main(["plan", "-d", str(DATASET_ID), "--preset", "stdnet", "--preprocess", "-c", "3d_lowres"]) == 1
+    assert "-c 3d_lowres: nnUNetPlans_STDNet has no such configuration (it has 2d, 3d_fullres" in \
+        capsys.readouterr().err
+
+    # -c 3d_cascade_fullres: nnU-Net preprocesses it into the folder it inherits from 3d_fullres
+    from nnunet_liver_ext.trainer_plans.cli import _data_identifier
+    cascade = load_plans(phantom, "nnUNetPlans_STDNet")
+    cascade["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    assert _data_identifier(cascade, "nnUNetPlans_STDNet", "3d_cascade_fullres") == "nnUNetPlans_3d_fullres"
 
     partial = tmp_path / "nnUNetPlans_3d_fullres"
     partial.mkdir()

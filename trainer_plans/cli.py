@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 
 #: the presets of this package's networks (trainer_plans.planners.PRESETS), in README order
 NETWORK_PRESETS = ("stdnet", "dyntransnet", "mamba-codebook", "mti-net")
+#: the configuration names nnU-Net's planners write
+NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 def _check_inputs(args: argparse.Namespace) -> int:
@@ -30,7 +33,12 @@ def _check_inputs(args: argparse.Namespace) -> int:
 
 
 def _data_identifier(plans: dict, plans_name: str, configuration: str) -> str:
-    return plans["configurations"].get(configuration, {}).get("data_identifier", f"{plans_name}_{configuration}")
+    if configuration not in plans["configurations"]:
+        return f"{plans_name}_{configuration}"
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    # through nnU-Net's inheritance: 3d_cascade_fullres reads 3d_fullres' data
+    return PlansManager(plans).get_configuration(configuration).data_identifier
 
 
 #: what decides a configuration's preprocessed data (nnU-Net's DefaultPreprocessor reads these and nothing else of
@@ -109,6 +117,17 @@ def _plan(args: argparse.Namespace) -> int:
                         f"{args.resenc}; for a network: nnunet-liver plan -d {args.d} --preset {NETWORK_PRESETS[0]} "
                         f"--resenc {args.resenc}")
 
+    target = args.gpu_memory_target
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise UserError(f"--gpu-memory-target {target:g}: the VRAM target must be a positive number of GB",
+                        "e.g. --gpu-memory-target 8 (nnU-Net's default), 24 or 40")
+    if args.np < 1:
+        raise UserError(f"-np {args.np}: preprocessing needs at least one process", "e.g. -np 2")
+    unknown = [c for c in args.c or () if c not in NNUNET_CONFIGURATIONS]
+    if unknown:
+        raise UserError(f"-c {' '.join(unknown)}: nnU-Net's configurations are {', '.join(NNUNET_CONFIGURATIONS)}",
+                        "e.g. -c 3d_fullres, or leave -c out for the configurations these plans train")
+
     dataset_id = _check_inputs(args)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
 
@@ -139,6 +158,11 @@ def _plan(args: argparse.Namespace) -> int:
                   f"-p {plans_name} for all five folds (their validation writes the next stage's input), then "
                   f"nnUNetv2_train {dataset_id} 3d_cascade_fullres FOLD -tr {trainer} -p {plans_name}")
         trained = [main] + (["3d_lowres"] if cascade else [])  # 3d_cascade_fullres reads 3d_fullres' data
+        absent = [c for c in args.c or () if c not in plans["configurations"]]
+        if absent:  # nnU-Net's preprocessing would print "not found ... Skipping" and succeed with nothing done
+            raise UserError(f"-c {' '.join(absent)}: {plans_name} has no such configuration (it has "
+                            f"{', '.join(plans['configurations'])}; 3d_lowres only where nnU-Net plans a cascade)",
+                            f"-c {' '.join(trained)}")
         folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
         for c in args.c or trained:
             if c in plans["configurations"]:
