@@ -40,6 +40,8 @@ def env_folder(name: str, purpose: str = "") -> Path:
         raise UserError(f"environment variable {name} is not set{why}",
                         f"export {name}=/path/to/{name}   (`{ENV_CHECK}` checks all of nnU-Net's variables)")
     path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name}={value} is a file, not a folder{why}", f"point {name} at a folder (`{ENV_CHECK}`)")
     if not path.is_dir():
         raise UserError(f"{name}={value} is not a folder{why}", f"mkdir -p {value}, or point {name} at the right "
                                                                 f"folder (`{ENV_CHECK}`)")

@@ -54,6 +54,9 @@ def check_environment(environ=None) -> list[EnvCheck]:
         if not value:
             checks.append(EnvCheck(var, False, "not set",
                                    f'export {var}="$HOME/nnUNet_data/{var}"; mkdir -p "${var}"'))
+        elif os.path.exists(value) and not os.path.isdir(value):  # mkdir -p would fail on it
+            checks.append(EnvCheck(var, False, f"{value} (a file, not a folder)",
+                                   f'export {var}="$HOME/nnUNet_data/{var}"; mkdir -p "${var}"'))
         elif not os.path.isdir(value):
             checks.append(EnvCheck(var, False, f"{value} (no such folder)", f'mkdir -p "{value}"'))
         else:

@@ -105,6 +105,18 @@ def test_predict_missing_input_folder_and_unset_environment(tree):
     assert_user_error(rc, out, "none of nnU-Net's folder variables", "nnunet-liver env --check")
 
 
+def test_predict_output_that_is_a_file(tree, capsys, monkeypatch):
+    """-o naming an existing file ended in os.makedirs' FileExistsError traceback, after the model was found."""
+    for key, value in _env(tree).items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    (tree / "pred.txt").write_text("notes")
+    assert main(["predict", "-i", str(tree / "images"), "-o", str(tree / "pred.txt"), "-d", "501", "-c",
+                 "3d_fullres", "-device", "cpu"]) == 1
+    assert f"-o {tree / 'pred.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert (tree / "pred.txt").read_text() == "notes"
+
+
 def test_predict_on_cuda_without_a_gpu(tree):
     import torch
 
@@ -199,6 +211,22 @@ def test_env_check(tree):
     assert exported == f"/opt/my trainers{os.pathsep}{TRAINERS_DIR}", out
     rc, out = nnunet_liver("env", env=_env(tree, nnUNet_extTrainer=f"/a{os.pathsep}{TRAINERS_DIR}"))
     assert out.strip() == f"export nnUNet_extTrainer=/a{os.pathsep}{TRAINERS_DIR}"  # already there: unchanged
+
+
+def test_a_folder_variable_that_names_a_file(tree, monkeypatch):
+    """`mkdir -p FILE` fails: a variable pointing at a file gets a fix that works."""
+    from nnunet_liver_ext.errors import UserError, env_folder
+    from nnunet_liver_ext.paths import check_environment
+
+    afile = tree / "afile"
+    afile.write_text("")
+    check = next(c for c in check_environment(_env(tree, nnUNet_raw=str(afile))) if c.variable == "nnUNet_raw")
+    assert not check.ok and check.state == f"{afile} (a file, not a folder)"
+    assert f"mkdir -p \"{afile}\"" not in check.profile_line and "mkdir -p \"$nnUNet_raw\"" in check.profile_line
+    monkeypatch.setenv("nnUNet_raw", str(afile))
+    with pytest.raises(UserError, match="is a file, not a folder") as refused:
+        env_folder("nnUNet_raw")
+    assert "mkdir" not in str(refused.value)
 
 
 def test_trainers_typo():

@@ -334,8 +334,9 @@ def test_size_strata_use_the_equivalent_sphere_diameter():
     assert lesions.equivalent_diameter_mm(volume_15mm) == pytest.approx(15)
     assert lesions.size_stratum(15.0) == "10-20mm"
     assert lesions.size_stratum(20.0) == ">=20mm" and lesions.size_stratum(9.99) == "<10mm"
-    with pytest.raises(ValueError):
-        lesions.stratum_labels((20, 10))
+    for bad in ((20, 10), (float("nan"),), (10, float("nan")), (10, float("inf")), ()):
+        with pytest.raises(ValueError, match="size strata must be positive and strictly increasing"):
+            lesions.stratum_labels(bad)
 
 
 # --- characterization ----------------------------------------------------------------------

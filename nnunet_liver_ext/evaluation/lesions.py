@@ -52,7 +52,9 @@ def size_stratum(diameter_mm: float, strata_mm: Sequence[float] = DEFAULT_SIZE_S
 
 def stratum_labels(strata_mm: Sequence[float] = DEFAULT_SIZE_STRATA_MM) -> list[str]:
     edges = [float(e) for e in strata_mm]
-    if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
+    # NaN compares false both ways, so it passed the order test and put no lesion in any stratum
+    if not edges or not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])) \
+            or edges[0] <= 0:
         raise ValueError(f"size strata must be positive and strictly increasing, got {strata_mm}")
     labels = [f"<{edges[0]:g}mm"]
     labels += [f"{a:g}-{b:g}mm" for a, b in zip(edges, edges[1:])]

@@ -40,6 +40,9 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
     if not os.path.isdir(args.i):
         raise UserError(f"input folder {args.i} does not exist",
                         "-i needs a folder of CASE_0000.nii.gz, ... files, e.g. $nnUNet_raw/DatasetXXX_Name/imagesTs")
+    if os.path.exists(args.o) and not os.path.isdir(args.o):
+        raise UserError(f"-o {args.o} is a file, not a folder: the predictions are written into a folder",
+                        "give -o a new folder, or an existing folder of earlier predictions")
     dataset_name = resolve_dataset(args.d)
     did = dataset_id(dataset_name)
     results = env_folder("nnUNet_results", "where nnUNetv2_train wrote the trained models")
