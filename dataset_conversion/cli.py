@@ -34,12 +34,15 @@ def register(subparsers) -> None:
                             "temporal networks (default as-channels)")
         p.add_argument("--phase-subset", nargs="+", default=None, metavar="P",
                        help="only these phases become channels, e.g. portal_venous for a single-phase baseline")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing dataset with this id in the raw folder (an id that another name "
+                            "holds in nnUNet_preprocessed or nnUNet_results is refused all the same)")
         p.add_argument("--skip-incomplete", action="store_true",
                        help="skip (and report) cases with a missing phase or label instead of failing")
         p.add_argument("-np", "--num-workers", type=int, default=1, help="parallel worker processes")
         p.add_argument("--orient", default="keep",
-                       help="'keep' each image's orientation (default) or reorient all cases to a code like LPS")
+                       help="'keep' each image's orientation (default) or reorient all cases to a code like LPS "
+                            "(one letter of R/L, A/P and S/I each)")
         p.add_argument("--geometry-tolerance", type=float, default=1.0,
                        help="image/label grids differing by up to this many voxels are resampled "
                             "(with a warning); beyond it the case fails (default 1.0)")

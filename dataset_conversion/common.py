@@ -3,8 +3,10 @@
 Every converter follows the same path: discover the cases of a source (`CaseTask`), convert
 each case in a worker process into a temporary dataset folder, then write dataset.json and
 `conversion_report.json` and move the folder into place in one `os.replace`. A run that
-fails on bad input removes its temporary folder; an interrupted run (Ctrl-C, kill) leaves a
-hidden `.Dataset{ID}_{NAME}.partial` folder that the same command resumes from.
+fails on bad input removes its temporary folder; an interrupted run (Ctrl-C, kill, a worker process killed
+by the out-of-memory killer) leaves a hidden `.Dataset{ID}_{NAME}.partial` folder that the same command resumes
+from. A dataset id held in the raw folder is refused unless ``--overwrite`` (which replaces that folder only); one
+that another name holds in nnUNet_preprocessed or nnUNet_results is refused always.
 
 Conventions: arrays are (z, y, x); spacing in this package is (z, y, x) mm, while
 SimpleITK's `GetSpacing()`/`GetOrigin()` are (x, y, z). Labels follow LiTS: 0 background,
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -152,14 +156,25 @@ class ConversionOptions:
             raise ValueError(f"phases mode must be one of {PHASE_MODES}, got {self.phases_mode!r}")
         if self.num_workers < 1:
             raise ValueError(f"number of workers must be >= 1, got {self.num_workers}")
-        if self.orient != "keep" and not re.fullmatch(r"[LRAPSI]{3}", self.orient):
-            raise ValueError(f"orient must be 'keep' or a code such as 'LPS'/'RAS', got {self.orient!r}")
-        if self.geometry_tolerance_vox < 0:
-            raise ValueError("geometry tolerance must be >= 0 voxels")
+        if self.orient != "keep" and not is_orientation_code(self.orient):
+            # checked here, not by SimpleITK in every case: "LLP" would otherwise fail each case, blamed on its file
+            raise ValueError(f"orient must be 'keep' or an orientation code of three letters, one of R/L, one of "
+                             f"A/P and one of S/I in any order (e.g. LPS, RAS), got {self.orient!r}")
+        if not isinstance(self.geometry_tolerance_vox, (int, float)) or not math.isfinite(self.geometry_tolerance_vox) \
+                or self.geometry_tolerance_vox < 0:
+            # NaN compares False with everything, so a NaN tolerance would let any misplaced label through
+            raise ValueError(f"geometry tolerance must be a finite number >= 0 voxels, got "
+                             f"{self.geometry_tolerance_vox!r}")
         if self.phase_subset is not None:
             self.phase_subset = tuple(self.phase_subset)
             if len(self.phase_subset) == 0 or len(set(self.phase_subset)) != len(self.phase_subset):
                 raise ValueError(f"phase subset must be non-empty without repeats, got {self.phase_subset}")
+
+
+def is_orientation_code(code: str) -> bool:
+    """Three letters naming each patient axis once: one of R/L, one of A/P, one of S/I, in any order."""
+    return (isinstance(code, str) and len(code) == 3
+            and sorted(sum(letter in pair for letter in code) for pair in ("RL", "AP", "SI")) == [1, 1, 1])
 
 
 def select_phases(available: Sequence[str], subset: Sequence[str] | None, source: str) -> list[str]:
@@ -176,6 +191,43 @@ def select_phases(available: Sequence[str], subset: Sequence[str] | None, source
 # --------------------------------------------------------------------------------------
 # image I/O, geometry, labels
 # --------------------------------------------------------------------------------------
+def walk_folders(root: str | os.PathLike, onerror: Callable[[OSError], None] | None = None):
+    """``os.walk(root)`` top-down, following folder symlinks: a batch folder linked in from another disk is part of
+    the download (``Path.rglob`` skips it without a word before Python 3.13). A folder reached a second time (a link
+    to a folder of the tree, a link loop) yields nothing and is not entered again. The caller may prune
+    ``subdirs`` in place."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subdirs, files in os.walk(root, onerror=onerror, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            if onerror is not None:
+                onerror(e)
+            subdirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subdirs.sort()
+        yield folder, subdirs, sorted(files)
+
+
+def _unreadable_folder(error: OSError) -> None:
+    # os.walk skips a folder it cannot list unless told otherwise: its cases would vanish
+    raise ConversionError(f"cannot read this folder ({error.strerror or error})", None, error.filename)
+
+
+def source_files(root: str | os.PathLike) -> list[Path]:
+    """Every non-folder entry under ``root`` (symlinked folders followed, see ``walk_folders``), sorted. Dangling
+    links are included, so a case file pointing nowhere fails as a missing file instead of vanishing. A folder
+    that cannot be read is a ConversionError naming it."""
+    found = []
+    for folder, _, files in walk_folders(root, onerror=_unreadable_folder):
+        found += [Path(folder) / name for name in files]
+    return sorted(found)
+
+
 def strip_nifti_suffix(name: str) -> str | None:
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
@@ -366,7 +418,17 @@ def _read_case_table(csv_path: str | os.PathLike, id_columns: Sequence[str], cur
     csv_path = str(csv_path)
     if not os.path.isfile(csv_path):
         raise ConversionError("case table (CSV) does not exist", None, csv_path)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # no guessing at another encoding: a wrong guess changes class names without a word
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConversionError(f"the case table is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}; "
+                              f"Excel's plain CSV is Windows-1252/Latin-1): save it as UTF-8 (Excel: "
+                              f"'CSV UTF-8'; LibreOffice: character set 'Unicode (UTF-8)')", None, csv_path) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         reader.fieldnames = columns
@@ -396,6 +458,42 @@ def _read_case_table(csv_path: str | os.PathLike, id_columns: Sequence[str], cur
             table[case_id] = {"class": normalise_class_name(row.get("class")),
                               "curve": curve}
     return table
+
+
+def check_case_table_matches(table: dict, case_ids: Iterable[str], csv_path: str | os.PathLike, folder: str,
+                             what: str = "case") -> None:
+    """Rows of a case table that name no case of the source are an error when they can have lost something: when
+    some case of the source has no row (the row meant for it carries a typo), or when a row differs from a case
+    only in letter case (ids are matched exactly, like the folders and masks they name). Otherwise they are rows of
+    patients that were not downloaded (a table covering the whole collection): a warning lists them. Raises
+    ConversionFailed naming the file and listing the rows."""
+    case_ids = set(case_ids)
+    unmatched = sorted(set(table) - case_ids)
+    if not unmatched:
+        return
+    by_lower: dict[str, list[str]] = {}
+    for case_id in case_ids:
+        by_lower.setdefault(case_id.lower(), []).append(case_id)
+    described, case_only = [], False
+    for row_id in unmatched:
+        same_letters = sorted(by_lower.get(row_id.lower(), []))
+        case_only |= bool(same_letters)
+        described.append(f"{row_id!r} (differs only in letter case from {', '.join(same_letters)})"
+                         if same_letters else repr(row_id))
+    shown = ", ".join(described[:10]) + (f" and {len(described) - 10} more" if len(described) > 10 else "")
+    without_row = sorted(case_ids - set(table))
+    if not case_only and not without_row:
+        warnings.warn(f"file {csv_path}: {len(unmatched)} row(s) name no {what} in {folder} and are not used "
+                      f"(every {what} has its own row): {shown}", stacklevel=2)
+        return
+    lacking = ", ".join(without_row[:10]) + (f" and {len(without_row) - 10} more" if len(without_row) > 10 else "")
+    raise ConversionFailed([ConversionError(
+        f"{len(unmatched)} row(s) name no {what} in {folder}: {shown}"
+        + (f"; {what}(s) without a row: {lacking}" if without_row else "")
+        + f". Ids must match the {what} names exactly, letter case included. fix: correct these ids; rows of "
+          f"patients that are not in the source are allowed once every {what} of the source has a row (an empty "
+          f"class is allowed; a {what} that --skip-incomplete skips counts as present)", None, csv_path)],
+        "case table does not match the source")
 
 
 def ordered_classes(names: Iterable[str]) -> list[str]:
@@ -486,12 +584,31 @@ class AtomicDataset:
         self.fingerprint = fingerprint
         self.resumed_cases: dict[str, CaseResult] = {}
 
-    def check_target(self) -> None:
-        taken = existing_datasets(self.root, self.options.dataset_id)
+    def check_target(self) -> list[Path]:
+        """Refuses an id that another name holds in nnUNet_preprocessed or nnUNet_results (whatever --overwrite
+        says: those hold the user's preprocessed data and trained models, which a converter never deletes), and an
+        id present in the raw folder unless --overwrite. Returns the raw folders that --overwrite replaces."""
+        from nnunet_liver_ext.errors import free_dataset_id, other_names_of_id
+
+        dataset_id = self.options.dataset_id
+        # the raw folder's own datasets with this id are --overwrite's to replace (existing_datasets, below)
+        elsewhere = [f"{var} ({os.path.join(folder, other)})" for other, places in
+                     other_names_of_id(dataset_id, self.options.name, self.root, include_raw=False).items()
+                     for var, folder in (place.split("=", 1) for place in places)]
+        if elsewhere:
+            free = free_dataset_id(dataset_id, self.root)
+            raise FileExistsError(
+                f"dataset id {dataset_id} is taken by another name in {', '.join(elsewhere)}; nnU-Net allows one "
+                f"name per id and would stop with 'More than one dataset name found for dataset id {dataset_id}'"
+                f"\n  fix: choose a free id{f' (-d {free} is free)' if free else ''}, or remove those folders "
+                f"yourself if they are no longer needed (--overwrite replaces only the nnUNet_raw folder and never "
+                f"deletes preprocessed data or results)")
+        taken = existing_datasets(self.root, dataset_id)
         if taken and not self.options.overwrite:
-            raise FileExistsError(f"dataset id {self.options.dataset_id} is taken by "
+            raise FileExistsError(f"dataset id {dataset_id} is taken by "
                                   f"{', '.join(str(t) for t in taken)}; pass --overwrite to replace it "
                                   f"or choose another id")
+        return taken
 
     def open(self) -> None:
         self.check_target()
@@ -520,10 +637,8 @@ class AtomicDataset:
         _write_json(self.tmp / "conversion_report.json", report)
         shutil.rmtree(self.tmp / ".done")
         (self.tmp / ".conversion_state.json").unlink()
-        # Re-check right before the move: another run may have claimed the id meanwhile.
-        taken = existing_datasets(self.root, self.options.dataset_id)
-        if taken and not self.options.overwrite:
-            self.check_target()
+        # Re-check right before the move: another run (or an nnU-Net command) may have claimed the id meanwhile.
+        taken = self.check_target()
         trash = []
         for old in taken:
             moved = old.with_name(f".{old.name}.replaced-{os.getpid()}")
@@ -558,9 +673,8 @@ def _source_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         return [path]
     found = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, name) for name in sorted(files)]
+    for root, _, files in walk_folders(path):
+        found += [os.path.join(root, name) for name in files]
     return found
 
 
@@ -668,6 +782,24 @@ def run_conversion(converter: str, tasks: Sequence[CaseTask], worker: Callable, 
         print(f"\ninterrupted; finished cases are kept in {dataset.tmp}. Re-run the same command to resume.",
               file=sys.stderr)
         raise
+    except WorkerDied as died:
+        # Not bad input: the cases converted so far are sound, so the partial folder stays for a resume, as after
+        # an interruption.
+        lost_ids = [job[1].case_id for job in died.jobs]
+
+        def culprits(case_id: str) -> str:
+            others = [i for i in lost_ids if i != case_id]
+            return "this case" + (f" or {others[0]}" if len(others) == 1 else
+                                  f" or one of {', '.join(others)}" if others else "") \
+                + (" (in flight at the same time)" if others else "")
+        lost = [ConversionError(f"not converted: the worker process converting {culprits(job[1].case_id)} died "
+                                f"without an error (killed by the system, as the out-of-memory killer does on a large "
+                                f"volume, or crashed)", job[1].case_id, _first_source(job[1]))
+                for job in died.jobs]
+        raise ConversionFailed(
+            sorted(errors, key=lambda e: str(e.case_id)) + lost,
+            f"a worker process died; the cases finished so far are kept in {dataset.tmp}: re-run the same "
+            f"command to resume (with fewer workers, e.g. -np 1, if memory ran out)") from None
     except BaseException:
         dataset.discard()
         raise
@@ -698,6 +830,15 @@ def _split_of(tasks: Sequence[CaseTask], case_id: str) -> str:
     return next((t.split for t in tasks if t.case_id == case_id), "train")
 
 
+class WorkerDied(Exception):
+    """A worker process ended without returning (killed by the out-of-memory killer, a crash in a library).
+    ``jobs`` are the jobs it may have been converting: every job in flight when the pool broke."""
+
+    def __init__(self, jobs: list):
+        self.jobs = jobs
+        super().__init__(f"a worker process died while {len(jobs)} job(s) were in flight")
+
+
 def _imap(fn, jobs: list, num_workers: int, progress: bool, desc: str):
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, file=sys.stderr)
@@ -707,13 +848,59 @@ def _imap(fn, jobs: list, num_workers: int, progress: bool, desc: str):
                 yield fn(job)
                 bar.update()
         else:
-            # spawn like nnU-Net: forking a process that holds SimpleITK/ITK thread pools is unsafe
-            with multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
-                for outcome in pool.imap_unordered(fn, jobs):
-                    yield outcome
-                    bar.update()
+            for outcome in _pooled(fn, jobs, min(num_workers, len(jobs))):
+                yield outcome
+                bar.update()
     finally:
         bar.close()
+
+
+def _pooled(fn, jobs: list, num_workers: int):
+    """Outcomes of ``fn(job)`` in worker processes, in completion order; WorkerDied when a worker dies.
+
+    concurrent.futures, not multiprocessing.Pool: a Pool replaces a killed worker and waits forever for the task it
+    held, while ProcessPoolExecutor fails every pending future with BrokenProcessPool. At most one job per worker is
+    submitted, so the jobs pending at that moment are the cases that were being converted."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn like nnU-Net: forking a process that holds SimpleITK/ITK thread pools is unsafe
+    executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    waiting = list(reversed(jobs))
+    pending: dict = {}
+    finished = False
+    try:
+        while waiting or pending:
+            while waiting and len(pending) < num_workers:
+                job = waiting.pop()
+                pending[executor.submit(fn, job)] = job
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                # the executor fails every pending future at once; cases that finished before still count
+                wait(pending)
+                lost = []
+                for future, job in pending.items():
+                    if future.exception() is None:
+                        yield future.result()
+                    elif isinstance(future.exception(), BrokenProcessPool):
+                        lost.append(job)
+                    else:
+                        raise future.exception()
+                raise WorkerDied(lost)
+            for future in done:
+                del pending[future]
+                yield future.result()
+        finished = True
+    finally:
+        # After a failure, do not wait for the cases still running: the pool's processes are stopped like
+        # Pool.terminate() did (the executor offers no public way to stop a running job, and shutdown() drops its
+        # list of processes, so that list is taken first).
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=finished, cancel_futures=True)
+        if not finished:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
 
 
 def build_report(converter: str, options: ConversionOptions, results: Sequence[CaseResult], seconds: float) -> dict:

@@ -5,7 +5,9 @@ portal_venous, delay (as acquired: phases may have moved); `masks/{case}.nii[.gz
 (0/1/2 in the portal-venous frame; cases without a mask go to imagesTs);
 `labels.csv` with `case_id,class` and optionally one column per phase holding the tumor
 enhancement curve. Cases without a curve in the CSV get it computed as the mean of each
-registered phase over the tumor voxels. Channels are named "T1" (z-score normalisation).
+registered phase over the tumor voxels. Ids match the case folders exactly (letter case included); a row
+that names no case folder is an error when some case has no row (`common.check_case_table_matches`).
+Channels are named "T1" (z-score normalisation).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from nnunet_liver_ext.dataset_conversion.common import (
     MRI_PHASES, REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions,
-    IncompleteCaseError, duplicate_file_errors, is_junk_file, read_case_table, read_image,
+    IncompleteCaseError, check_case_table_matches, duplicate_file_errors, is_junk_file, read_case_table, read_image,
     run_conversion, select_phases, strip_nifti_suffix)
 from nnunet_liver_ext.dataset_conversion.multiphase import multiphase_dataset_json, register_and_write
 
@@ -65,6 +67,7 @@ def discover(src: str | Path, options: ConversionOptions) -> list[CaseTask]:
         raise ConversionFailed(errors, "bad dynamic MRI source layout")
     if not tasks:
         raise ConversionFailed([ConversionError("no case folders found", None, images_root)], "nothing to convert")
+    check_case_table_matches(table, known, csv_path, str(images_root), "case folder")
     return tasks
 
 

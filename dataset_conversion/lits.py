@@ -1,6 +1,7 @@
 """LiTS (Liver Tumor Segmentation Challenge) -> nnU-Net raw dataset.
 
-Source layout (the download, batches may sit in sub-folders such as "Training Batch 1"):
+Source layout (the download, batches may sit in sub-folders such as "Training Batch 1", symlinked
+folders included):
 `volume-N.nii[.gz]` + `segmentation-N.nii[.gz]` (0 background, 1 liver, 2 tumor) and
 unlabeled `test-volume-N.nii[.gz]`. Output case ids: `lits_N` (training, imagesTr/labelsTr)
 and `lits_test_N` (imagesTs). LiTS is portal-venous CT: one channel "CT".
@@ -13,7 +14,7 @@ from pathlib import Path
 from nnunet_liver_ext.dataset_conversion.common import (
     REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions,
     check_unique_case_ids, convert_single_image_case, duplicate_file_errors, is_junk_file,
-    run_conversion, select_phases, single_phase_dataset_json, strip_nifti_suffix)
+    run_conversion, select_phases, single_phase_dataset_json, source_files, strip_nifti_suffix)
 
 _PATTERN = re.compile(r"^(volume|segmentation|test-volume)-(\d+)$")
 
@@ -25,9 +26,13 @@ def discover(src: str | Path) -> list[CaseTask]:
     if not src.is_dir():
         raise ConversionFailed([ConversionError("LiTS source folder does not exist", None, src)])
     found: dict[tuple[str, int], list[Path]] = {}
-    for path in sorted(src.rglob("*")):
+    try:
+        files = source_files(src)
+    except ConversionError as e:
+        raise ConversionFailed([e], "bad LiTS source layout") from None
+    for path in files:
         stem = strip_nifti_suffix(path.name)
-        if not path.is_file() or stem is None or is_junk_file(path.name):
+        if stem is None or is_junk_file(path.name):
             continue
         match = _PATTERN.match(stem)
         if match:

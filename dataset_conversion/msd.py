@@ -19,7 +19,9 @@ from nnunet_liver_ext.dataset_conversion.common import (
     run_conversion, select_phases, strip_nifti_suffix)
 
 MSD_LABEL_NAMES = {"cancer": "tumor"}  # MSD's name -> the package's label schema
-_DROPPED_KEYS = ("modality", "training", "test", "labels", "numTraining", "name", "description")
+# keys that build_dataset_json writes itself (a v2-style file's channel_names/file_ending must not override ours)
+_DROPPED_KEYS = ("modality", "channel_names", "training", "test", "labels", "numTraining", "name", "description",
+                 "file_ending", "phases", "characterization", "enhancement")
 
 
 def find_task_folder(src: str | Path) -> Path:
@@ -45,12 +47,61 @@ def _cases(folder: Path) -> dict[str, list[Path]]:
 
 
 def load_msd_json(task: Path) -> dict:
+    """The task's dataset.json, checked: a JSON object whose 'labels' are MSD's {"0": "background", ...} or nnU-Net
+    v2's {"background": 0, ...}, one 'modality' (or v2 'channel_names') entry "0", and a 'training' list of
+    {"image": ..., "label": ...}. Anything else is a ConversionFailed naming the file and the entry."""
     path = task / "dataset.json"
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as e:
         raise ConversionFailed([ConversionError(f"unreadable MSD dataset.json ({e})", None, path)]) from None
+
+    def bad(message: str):
+        return ConversionFailed([ConversionError(message, None, path)], "bad MSD dataset.json")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object with 'labels', 'modality' and 'training', got a {type(data).__name__}")
+    data = dict(data)
+    data["labels"] = _label_values(data.get("labels"), bad)
+    channels = data.get("modality", data.get("channel_names", {"0": "CT"}))
+    if not isinstance(channels, dict) or list(channels) != ["0"] or not isinstance(channels["0"], str):
+        raise bad(f"needs exactly one 'modality' entry \"0\" naming the channel (Task03_Liver is single-channel "
+                  f"CT), found {channels!r}")
+    data["modality"] = channels
+    training = data.get("training", [])
+    if not isinstance(training, list):
+        raise bad(f"'training' must be a list of {{\"image\": ..., \"label\": ...}} entries, got a "
+                  f"{type(training).__name__}")
+    for number, entry in enumerate(training):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise bad(f"'training' entry {number} has no \"image\" path: {json.dumps(entry)[:120]}")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise bad(f"{key!r} must be a string, got {data[key]!r}")
+    return data
+
+
+def _label_values(labels, bad) -> dict[int, str]:
+    """{value: name} from MSD's {"0": "background"} or nnU-Net v2's {"background": 0} form."""
+    if not isinstance(labels, dict) or not labels:
+        raise bad(f"needs 'labels', e.g. {{\"0\": \"background\", \"1\": \"liver\", \"2\": \"cancer\"}}, "
+                  f"found {labels!r}")
+    if all(isinstance(k, str) and k.strip().isdigit() and isinstance(v, str) for k, v in labels.items()):
+        values = {int(k): v for k, v in labels.items()}
+        if len(set(values.values())) != len(values):
+            raise bad(f"'labels' gives one name to several values: {labels}")
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        values = {v: k for k, v in labels.items()}
+        if len(values) != len(labels):
+            raise bad(f"'labels' gives one value to several names: {labels}")
+    else:
+        # nnU-Net v2 regions (lists of values) have no single value per voxel to check label files against
+        raise bad(f"'labels' must map values to names ({{\"0\": \"background\", ...}}) or names to integer "
+                  f"values ({{\"background\": 0, ...}}); found {labels}")
+    if values.get(0) is None:
+        raise bad(f"'labels' has no value 0 (background): {labels}")
+    return dict(sorted(values.items()))
 
 
 def discover(task: Path, msd_json: dict) -> list[CaseTask]:
@@ -64,7 +115,7 @@ def discover(task: Path, msd_json: dict) -> list[CaseTask]:
     for case_id in sorted(duplicated_across):
         errors.append(ConversionError("duplicate case id: present in imagesTr and imagesTs", case_id,
                                       test_images[case_id][0]))
-    listed = [Path(entry["image"]).name for entry in msd_json.get("training", []) if isinstance(entry, dict)]
+    listed = [Path(entry["image"]).name for entry in msd_json.get("training", [])]
     for name in listed:
         stem = strip_nifti_suffix(name)
         if stem not in images:
@@ -89,12 +140,8 @@ def convert(src: str | Path, options: ConversionOptions) -> Path:
     select_phases([REFERENCE_PHASE], options.phase_subset, "MSD Task03_Liver")
     task = find_task_folder(src)
     msd_json = load_msd_json(task)
-    modality = msd_json.get("modality", {"0": "CT"})
-    if "labels" not in msd_json or len(modality) != 1:
-        raise ConversionFailed([ConversionError("MSD dataset.json needs 'labels' and exactly one 'modality' "
-                                                f"(Task03_Liver is single-channel CT); found modality {modality}",
-                                                None, task / "dataset.json")])
-    labels = {MSD_LABEL_NAMES.get(name, name): int(value) for value, name in msd_json["labels"].items()}
+    modality = msd_json["modality"]
+    labels = {MSD_LABEL_NAMES.get(name, name): value for value, name in msd_json["labels"].items()}
     tasks = discover(task, msd_json)
 
     def make_json(results: list[CaseResult]) -> dict:

@@ -4,7 +4,8 @@ Source layout: `SRC/{patient}/{study}/{series}/*.dcm` (one folder per patient, a
 one or more series per folder), masks `SRC/masks/{patient}.nii[.gz]` (0/1/2 in the portal-
 venous frame; else a DICOM-SEG series in the patient folder on the portal-venous grid; patients
 without either go to imagesTs) and `SRC/classes.csv`
-(`patient_id,class`). Series are split by SeriesInstanceUID (GDCM), their phase read from
+(`patient_id,class`; ids match the patient folders exactly, and a row that names none is an error when some patient
+has no row: `common.check_case_table_matches`). Series are split by SeriesInstanceUID (GDCM), their phase read from
 SeriesDescription keywords (case-insensitive, whole words: "AP" matches "AP 5mm" but not
 "CAPSULE"), overridable with a JSON mapping {"description or SeriesInstanceUID": "phase"}
 (global) or {"patient": {...}} (per patient); a value "ignore" drops a series. Phases are
@@ -30,7 +31,8 @@ import SimpleITK as sitk
 
 from nnunet_liver_ext.dataset_conversion.common import (
     CT_PHASES, REFERENCE_PHASE, CaseTask, ConversionError, ConversionFailed, ConversionOptions, IncompleteCaseError,
-    is_junk_file, read_case_table, read_image, run_conversion, select_phases, strip_nifti_suffix)
+    check_case_table_matches, is_junk_file, read_case_table, read_image, run_conversion, select_phases,
+    strip_nifti_suffix, walk_folders)
 from nnunet_liver_ext.dataset_conversion.multiphase import multiphase_dataset_json, register_and_write
 from nnunet_liver_ext.dataset_conversion.registration import (euler_from_motion, resample_onto, residual_vs_truth,
                                                               transform_from_summary)
@@ -93,10 +95,14 @@ def scan_patient(patient_dir: Path, case_id: str) -> list[SeriesInfo]:
     import pydicom
 
     series = []
-    # top-down, pruning junk folders (__MACOSX, hidden) before they are entered; sorted for a fixed order
-    for folder, subdirs, files in os.walk(patient_dir):
-        subdirs[:] = sorted(d for d in subdirs if not is_junk_file(d))
-        files = sorted(f for f in files if not is_junk_file(f))
+
+    def unreadable(error: OSError):
+        raise ConversionError(f"cannot read this folder ({error.strerror or error})", case_id, error.filename)
+
+    # top-down, pruning junk folders (__MACOSX, hidden) before they are entered; symlinked series folders followed
+    for folder, subdirs, files in walk_folders(patient_dir, onerror=unreadable):
+        subdirs[:] = [d for d in subdirs if not is_junk_file(d)]
+        files = [f for f in files if not is_junk_file(f)]
         if not files:
             if not subdirs:
                 raise ConversionError("empty DICOM series folder (no files)", case_id, folder)
@@ -487,6 +493,7 @@ def discover(src: str | Path, options: ConversionOptions) -> list[CaseTask]:
                               case_class=row.get("class"),
                               extra={"phases": selected, "phase_map": phase_map,
                                      "truth_motion": truth.get(patient.name)}))
+    check_case_table_matches(table, (p.name for p in patients), csv_path, str(src), "patient folder")
     return tasks
 
 

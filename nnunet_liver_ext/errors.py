@@ -61,6 +61,50 @@ def known_datasets() -> dict[str, list[str]]:
     return dict(sorted(found.items()))
 
 
+def _is_nnunet_raw(raw_root: Path) -> bool:
+    """Whether ``raw_root`` is the raw folder nnU-Net reads ($nnUNet_raw), or that variable is unset."""
+    env_raw = os.environ.get("nnUNet_raw")
+    if not env_raw:
+        return True
+    try:
+        return os.path.samefile(env_raw, raw_root)
+    except OSError:
+        return False
+
+
+def other_names_of_id(dataset_id: int, name: str, raw_root, include_raw: bool = True) -> dict[str, list[str]]:
+    """``{DatasetXXX_Other: [where]}``: datasets of another name than ``name`` with id ``dataset_id``. nnU-Net
+    allows one name per id across its three folders ("More than one dataset name found for dataset id" otherwise):
+    ``raw_root`` is searched (unless ``include_raw`` is False) and, when it is nnU-Net's raw folder ($nnUNet_raw, or
+    that variable is unset), nnUNet_preprocessed and nnUNet_results. A raw folder elsewhere goes with other folder
+    settings (tests, benchmarks), so the variables set here say nothing about it."""
+    raw_root = Path(raw_root)
+    prefix, mine = f"Dataset{int(dataset_id):03d}_", f"Dataset{int(dataset_id):03d}_{name}"
+    found: dict[str, list[str]] = {}
+    if include_raw and raw_root.is_dir():
+        for p in sorted(raw_root.glob(prefix + "*")):
+            if p.is_dir() and p.name != mine:
+                found.setdefault(p.name, []).append(str(raw_root))
+    if _is_nnunet_raw(raw_root):
+        for other, variables in known_datasets().items():
+            if other.startswith(prefix) and other != mine:
+                for var in variables:
+                    if var != "nnUNet_raw":  # raw_root, above
+                        found.setdefault(other, []).append(f"{var}={os.environ[var]}")
+    return found
+
+
+def free_dataset_id(dataset_id: int, raw_root) -> int | None:
+    """The next id after ``dataset_id`` (wrapping around) that no dataset holds in ``raw_root`` or, as for
+    :func:`other_names_of_id`, nnU-Net's other folders: what a "this id is taken" message suggests instead."""
+    raw_root = Path(raw_root)
+    names = list(known_datasets()) if _is_nnunet_raw(raw_root) else []
+    if raw_root.is_dir():
+        names += [p.name for p in raw_root.iterdir() if p.is_dir() and _DATASET_DIR.match(p.name)]
+    used = {int(n[7:10]) for n in names if _DATASET_DIR.match(n)}
+    return next((i for i in [*range(int(dataset_id) + 1, 1000), *range(1, int(dataset_id))] if i not in used), None)
+
+
 def describe_datasets(datasets: dict[str, list[str]] | None = None) -> str:
     datasets = known_datasets() if datasets is None else datasets
     if not datasets:

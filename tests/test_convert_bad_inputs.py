@@ -350,3 +350,103 @@ def test_cli_reports_bad_input_and_existing_id(tmp_path, ct_cases, capsys):
     assert cli.main(["convert", "lits", str(src), "-d", "46", "--name", "Other", "--raw", str(raw),
                      "--overwrite", "--no-progress"]) == 0
     assert _leftovers(raw) == ["Dataset046_Other"]
+
+
+def _rewrite_csv(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, text
+    path.write_text(text.replace(old, new))
+
+
+def test_classes_csv_ids_in_another_letter_case_are_an_error_naming_the_file(tmp_path, ct_cases):
+    """TCGA ids typed in lower case matched no patient folder: every class was lost without a word."""
+    src = tcga_src(tmp_path, ct_cases)
+    _rewrite_csv(src / "classes.csv", "TCGA-PH-", "tcga-ph-")
+    raw = tmp_path / "raw"
+    with pytest.raises(ConversionFailed) as info:
+        tcga_lihc.convert(src, ConversionOptions(str(raw), 47, "Case", progress=False))
+    text = str(info.value)
+    assert "classes.csv: 2 row(s) name no patient folder" in text, text
+    assert "'tcga-ph-0000' (differs only in letter case from TCGA-PH-0000)" in text, text
+    assert "patient folder(s) without a row: TCGA-PH-0000, TCGA-PH-0001" in text, text
+    assert "fix: correct these ids" in text
+    assert _leftovers(raw) == []
+
+
+def test_labels_csv_row_that_names_no_case_is_an_error(tmp_path, mri_cases):
+    """A typo'd id lost that case's class, and its enhancement curve came from the images instead."""
+    src = mri_src(tmp_path, mri_cases)
+    _rewrite_csv(src / "labels.csv", "mri_001,", "mri_01,")
+    raw = tmp_path / "raw"
+    with pytest.raises(ConversionFailed, match=r"labels.csv: 1 row\(s\) name no case folder in .*images: "
+                                               r"'mri_01'; case folder\(s\) without a row: mri_001\. Ids must match"):
+        dynamic_mri.convert(src, ConversionOptions(str(raw), 48, "Typo", progress=False))
+    assert _leftovers(raw) == []
+    # through the CLI: one error, exit status 1
+    assert cli.main(["convert", "dynamic-mri", str(src), "-d", "48", "--raw", str(raw), "--no-progress"]) == 1
+
+
+def _edit_msd_json(src: Path, edit) -> None:
+    path = src / "dataset.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def test_msd_dataset_json_with_nnunet_v2_labels_converts(tmp_path, ct_cases):
+    src = msd_src(tmp_path, ct_cases)
+
+    def v2(data):
+        data["labels"] = {"background": 0, "liver": 1, "cancer": 2}
+        data["channel_names"] = data.pop("modality")
+        data["file_ending"] = ".nii"  # nnU-Net v2 keys of the source must not override what was written
+        return data
+    _edit_msd_json(src, v2)
+    out = msd.convert(src, ConversionOptions(str(tmp_path / "raw"), 49, "Liver", progress=False))
+    dataset_json = json.loads((out / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "liver": 1, "tumor": 2}
+    assert dataset_json["channel_names"] == {"0": "CT"} and dataset_json["file_ending"] == ".nii.gz"
+
+
+def _without_image(data):
+    data["training"][1] = {"img": data["training"][1]["image"], "label": data["training"][1]["label"]}
+    return data
+
+
+def _training_not_a_list(data):
+    data["training"] = {"a": 1}
+    return data
+
+
+def _region_labels(data):
+    data["labels"] = {"background": 0, "liver": [1, 2], "cancer": 2}
+    return data
+
+
+def _no_background(data):
+    data["labels"] = {"1": "liver", "2": "cancer"}
+    return data
+
+
+def _two_channels(data):
+    data["modality"] = {"0": "CT", "1": "PET"}
+    return data
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda data: [1, 2], "expected a JSON object with 'labels'.*got a list"),
+    (_without_image, r"'training' entry 1 has no \"image\" path: \{\"img\""),
+    (_training_not_a_list, "'training' must be a list.*got a dict"),
+    (_region_labels, "'labels' must map values to names"),
+    (_no_background, r"'labels' has no value 0 \(background\)"),
+    (_two_channels, r"needs exactly one 'modality' entry \"0\""),
+], ids=["top-level list", "entry without image", "training not a list", "region labels", "no background",
+        "two channels"])
+def test_unexpected_msd_dataset_json_is_one_error_naming_it(tmp_path, ct_cases, edit, message):
+    src = msd_src(tmp_path, ct_cases)
+    _edit_msd_json(src, edit)
+    raw = tmp_path / "raw"
+    with pytest.raises(ConversionFailed) as info:
+        msd.convert(src, ConversionOptions(str(raw), 50, "Liver", progress=False))
+    (error,) = info.value.errors
+    import re
+    assert str(error).startswith(f"file {src / 'dataset.json'}: ") and re.search(message, str(error)), str(error)
+    assert _leftovers(raw) == []

@@ -250,3 +250,112 @@ def test_resume_fingerprint_sees_nested_files_named_files_contents_and_classes(t
     mapping.write_text('{"A": "delayed"}')
     assert fingerprint() != after_slice
     assert fingerprint("cyst") != fingerprint("HCC")
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), float("inf"), -0.5])
+def test_options_reject_a_tolerance_that_is_not_a_finite_number(tmp_path, tolerance):
+    # NaN compares False with everything: a NaN tolerance let a label 30 voxels off its image through
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        ConversionOptions(str(tmp_path), 5, "X", geometry_tolerance_vox=tolerance)
+
+
+@pytest.mark.parametrize("code,valid", [("LPS", True), ("RAS", True), ("PLI", True), ("SAR", True),
+                                        ("LLP", False), ("RLS", False), ("AAA", False), ("LPX", False),
+                                        ("lps", False), ("LP", False), ("LPSI", False)])
+def test_options_accept_only_real_orientation_codes(tmp_path, code, valid):
+    if valid:
+        assert ConversionOptions(str(tmp_path), 5, "X", orient=code).orient == code
+        image = _image(_label_array())
+        assert common.orientation_code(common.reorient(image, code)) == code  # SimpleITK agrees
+    else:
+        with pytest.raises(ValueError, match="one of R/L, one of A/P and one of S/I"):
+            ConversionOptions(str(tmp_path), 5, "X", orient=code)
+
+
+def test_case_table_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
+    table = tmp_path / "classes.csv"
+    table.write_bytes("case_id,class\na,HCC\nb,h\xe9mangiome\n".encode("latin-1"))
+    with pytest.raises(ConversionFailed, match=r"file .*classes.csv: the case table is not UTF-8 text "
+                                               r"\(byte 0xe9 on line 3.*save it as UTF-8"):
+        common.read_case_table(table, ("case_id",))
+    table.write_bytes("\ufeffcase_id,class\nb,h\xe9mangiome\n".encode("utf-8"))  # Excel's 'CSV UTF-8' has a BOM
+    assert common.read_case_table(table, ("case_id",)) == {"b": {"class": "h\xe9mangiome", "curve": None}}
+
+
+def _nnunet_folders(tmp_path, monkeypatch):
+    folders = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folders[var] = tmp_path / var
+        folders[var].mkdir()
+        monkeypatch.setenv(var, str(folders[var]))
+    return folders
+
+
+def test_id_held_by_another_name_in_preprocessed_or_results_is_refused(tmp_path, monkeypatch):
+    """nnU-Net allows one name per id over its three folders; a raw folder with a new name next to another name's
+    preprocessed data stops every later nnU-Net command with 'More than one dataset name found'."""
+    src = _write_lits_source(tmp_path / "src", n=2)
+    folders = _nnunet_folders(tmp_path, monkeypatch)
+    (folders["nnUNet_preprocessed"] / "Dataset021_Old").mkdir()
+    (folders["nnUNet_results"] / "Dataset021_Old" / "nnUNetTrainer__nnUNetPlans__3d_fullres").mkdir(parents=True)
+    raw = folders["nnUNet_raw"]
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError) as info:
+            lits.convert(src, ConversionOptions(str(raw), 21, "New", overwrite=overwrite, progress=False))
+        text = str(info.value)
+        assert "dataset id 21 is taken" in text and "More than one dataset name" in text
+        assert f"nnUNet_preprocessed ({folders['nnUNet_preprocessed'] / 'Dataset021_Old'})" in text
+        assert f"nnUNet_results ({folders['nnUNet_results'] / 'Dataset021_Old'})" in text
+        assert "fix: choose a free id (-d 22 is free)" in text
+        assert list(raw.iterdir()) == []
+    # the same name is the same dataset: converting it again (its raw folder was deleted) is fine
+    out = lits.convert(src, ConversionOptions(str(raw), 21, "Old", progress=False))
+    assert out == raw / "Dataset021_Old"
+
+
+def test_overwrite_keeps_an_old_name_that_has_preprocessed_data(tmp_path, monkeypatch):
+    src = _write_lits_source(tmp_path / "src", n=2)
+    folders = _nnunet_folders(tmp_path, monkeypatch)
+    raw = folders["nnUNet_raw"]
+    lits.convert(src, ConversionOptions(str(raw), 22, "Old", progress=False))
+    (folders["nnUNet_preprocessed"] / "Dataset022_Old").mkdir()
+    with pytest.raises(FileExistsError, match=r"(?s)nnUNet_preprocessed \(.*Dataset022_Old\).*never deletes "
+                                              r"preprocessed data or results"):
+        lits.convert(src, ConversionOptions(str(raw), 22, "New", overwrite=True, progress=False))
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset022_Old"]
+    assert (raw / "Dataset022_Old" / "dataset.json").is_file()
+    assert (folders["nnUNet_preprocessed"] / "Dataset022_Old").is_dir()
+    # under its own name --overwrite replaces the raw folder as before (re-preprocessing is the user's next step)
+    lits.convert(src, ConversionOptions(str(raw), 22, "Old", overwrite=True, progress=False))
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset022_Old"]
+
+
+def test_id_taken_between_start_and_commit_is_refused_at_commit(tmp_path, monkeypatch):
+    """Preprocessing of another dataset with the same id may start while a long conversion runs."""
+    src = _write_lits_source(tmp_path / "src", n=2)
+    folders = _nnunet_folders(tmp_path, monkeypatch)
+    options = ConversionOptions(str(folders["nnUNet_raw"]), 23, "New", progress=False)
+    make_json = common.single_phase_dataset_json("New", "CT", "portal_venous", options, "")
+
+    def make_json_while_another_claims_the_id(results):
+        (folders["nnUNet_results"] / "Dataset023_Other").mkdir()
+        return make_json(results)
+    with pytest.raises(FileExistsError, match="Dataset023_Other"):
+        common.run_conversion("lits", lits.discover(src), common.convert_single_image_case, options,
+                              make_json_while_another_claims_the_id)
+    assert list(folders["nnUNet_raw"].iterdir()) == []
+
+
+def test_case_table_rows_naming_no_case_are_an_error_unless_every_case_has_its_row(tmp_path):
+    """Such a row loses something only when its case is in the source, and then that case has no row (a typo) or
+    its id differs in letter case; rows of patients that were not downloaded lose nothing."""
+    table = tmp_path / "classes.csv"
+    rows = {"TCGA-A": {"class": "HCC", "curve": None}, "TCGA-B": {"class": None, "curve": None},
+            "TCGA-Z": {"class": "cyst", "curve": None}}
+    with pytest.warns(UserWarning, match=r"classes.csv: 1 row\(s\) name no patient .*not used.*'TCGA-Z'"):
+        common.check_case_table_matches(rows, ["TCGA-A", "TCGA-B"], table, "/src", "patient")
+    with pytest.raises(ConversionFailed, match=r"'TCGA-Z'; patient\(s\) without a row: TCGA-C\. .*fix: correct"):
+        common.check_case_table_matches(rows, ["TCGA-A", "TCGA-B", "TCGA-C"], table, "/src", "patient")
+    with pytest.raises(ConversionFailed, match=r"'TCGA-Z' \(differs only in letter case from tcga-z\)"):
+        common.check_case_table_matches(dict(rows, **{"tcga-z": rows["TCGA-Z"]}), ["TCGA-A", "TCGA-B", "tcga-z"],
+                                        table, "/src", "patient")

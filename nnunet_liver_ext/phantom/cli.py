@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_liver_ext.errors import UserError
+
 LAYOUTS = {
     "lits": "LiTS download layout (volume-i.nii / segmentation-i.nii, portal venous CT)",
     "msd": "Medical Segmentation Decathlon Task03_Liver layout (portal venous CT)",
@@ -99,9 +101,12 @@ def _run(handler):
             previous = _exit_on_sigterm
         try:
             out = handler(args)
-        except (ValueError, FileExistsError, TypeError) as err:
-            print(f"nnunet-liver phantom: error: {err}", file=sys.stderr)
-            return 2
+        except (UserError, ValueError, FileExistsError, TypeError) as err:
+            # exit status 1 like every nnunet-liver user error (nnunet_liver_ext.cli.main); 2 stays argparse's, for
+            # a malformed command line
+            command = " ".join(c for c in ("phantom", getattr(args, "phantom_command", None)) if c)
+            print(f"nnunet-liver {command}: error: {err}", file=sys.stderr)
+            return 1
         finally:
             if previous is not _exit_on_sigterm:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
@@ -123,30 +128,113 @@ def _nnunet_raw(args):
                             overwrite=args.overwrite)
 
 
+class _Staged:
+    """A folder built in a hidden temporary one and moved into place when complete: a failed or killed run leaves
+    no half folder, and a run never mixes with an earlier one (stale volumes, a DICOM series with slices of two
+    runs), so the folder must be new or empty. Checked when made, before minutes of generating."""
+
+    def __init__(self, given: str, what: str, option: str):
+        # absolute, links kept: '.' and 'a/..' have a name and a parent, a link keeps the name the user gave
+        path = Path(os.path.abspath(given))
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{what} {given} is a symbolic link to {os.readlink(path)}, which does not exist",
+                            f"mkdir -p {path.resolve()}, or choose another {option}")
+        self.path, self.what, self.given, self.option = path, what, given, option
+        self.existed = path.exists()
+        self._check_free()
+        # into an existing folder the built entries move one by one, and its temporary is inside it: replacing the
+        # folder itself would strand a shell working in it (-o .), replace a link by a folder, or cross file systems
+        # (a mount point); a new folder is the temporary renamed
+        self.tmp = (path / f".phantom.tmp{os.getpid()}" if self.existed
+                    else path.parent / f".{path.name}.tmp{os.getpid()}")
+        self._made_parents = [p for p in path.parents if not p.exists()]  # nearest first
+        self._placed: list[Path] = []
+
+    def _check_free(self, ignore: Path | None = None) -> None:
+        path = self.path
+        if not path.exists():
+            return
+        entries = sorted(p.name for p in path.iterdir() if p != ignore) if path.is_dir() else None
+        if entries is None or entries:
+            from nnunet_liver_ext.phantom.writers import TargetTaken
+
+            # named: hidden entries (a killed run's temporary, .DS_Store) do not show in a plain ls
+            held = "is a file" if entries is None else \
+                f"is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+            raise TargetTaken(f"{self.what} {self.given} exists and {held}; it is written into a new or empty folder "
+                              f"only (into another it would mix with what is there)",
+                              f"remove it, or choose another {self.option}")
+
+    def open(self) -> Path:
+        try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as err:
+            self.discard()
+            raise UserError(f"cannot write the {self.what} {self.given}: {err.strerror or err}",
+                            f"choose another {self.option}") from None
+        return self.tmp
+
+    def commit(self) -> None:
+        self._check_free(ignore=self.tmp)  # another process may have written there while this one generated
+        if not self.existed:
+            os.replace(self.tmp, self.path)
+            self._placed.append(self.path)
+            return
+        for entry in sorted(self.tmp.iterdir()):
+            os.replace(entry, self.path / entry.name)
+            self._placed.append(self.path / entry.name)
+        self.tmp.rmdir()
+
+    def discard(self) -> None:
+        """Remove what this run made (its temporary, what it placed, the parents it created); nothing else."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for placed in self._placed:
+            if placed.is_dir() and not placed.is_symlink():
+                shutil.rmtree(placed, ignore_errors=True)
+            else:
+                placed.unlink(missing_ok=True)
+        for parent in self._made_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
 def _layout(args):
-    out = Path(args.output)
-    # a layout written over another mixes with it (stale volumes, DICOM series with slices of two runs)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; a source layout is written into a new or empty "
-                              f"folder (remove it, or choose another -o)")
+    stages = [_Staged(args.output, "source folder", "-o")]
+    out = stages[0].path
+    truth = None
+    if args.layout == "tcga-dicom" and (getattr(args, "test", 0) or 0) > 0:
+        stages.append(_Staged(args.test_truth or str(out.with_name(out.name + "_test_truth")),
+                              "test truth folder", "--test-truth"))
+        truth = stages[1].path
+        if truth.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"the test truth folder {truth} is inside the source folder {out}, where the converter "
+                             f"would read it as a patient")
+        if out.resolve().is_relative_to(truth.resolve()):
+            raise ValueError(f"the source folder {out} is inside the test truth folder {truth}; they are two "
+                             f"separate folders (choose another --test-truth or -o)")
     config = _config(args)
-    train, test = _cases(args, config)
-    # built in a temporary sibling and moved into place when complete: a failed or killed run leaves no half layout
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        written = _write_layout(args, tmp, out, train, test)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        tmps = [stage.open() for stage in stages]
+        train, test = _cases(args, config)
+        written = _write_layout(args, tmps[0], train, test, truth_tmp=tmps[1] if truth is not None else None)
+        for stage in stages:
+            stage.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stage in stages:
+            stage.discard()
         raise
-    return out / written.relative_to(tmp)
+    written = out / written.relative_to(tmps[0])
+    if truth is not None:
+        print(f"{len(test)} held-out patient(s) without masks in {written}; their truth in {truth} (labelsTs/, "
+              f"test_targets.json)")
+    return written
 
 
-def _write_layout(args, tmp: Path, out: Path, train, test) -> Path:
+def _write_layout(args, tmp: Path, train, test, truth_tmp: Path | None = None) -> Path:
     from nnunet_liver_ext.phantom import writers
 
     if args.layout == "lits":
@@ -156,15 +244,7 @@ def _write_layout(args, tmp: Path, out: Path, train, test) -> Path:
     if args.layout == "atlas":
         return writers.write_atlas(tmp, train)
     if args.layout == "tcga-dicom":
-        truth = Path(args.test_truth) if args.test_truth else out.with_name(out.name + "_test_truth")
-        if test and truth.resolve().is_relative_to(out.resolve()):
-            raise ValueError(f"the test truth folder {truth} is inside the source folder {out}, where the "
-                             f"converter would read it as a patient")
-        root = writers.write_tcga_dicom(tmp, train, test, truth_dir=truth if test else None)
-        if test:
-            print(f"{len(test)} held-out patient(s) without masks in {out / root.relative_to(tmp)}; their truth in "
-                  f"{truth} (labelsTs/, test_targets.json)")
-        return root
+        return writers.write_tcga_dicom(tmp, train, test, truth_dir=truth_tmp)
     return writers.write_dynamic_mri(tmp, train, with_curves=not args.no_curves)
 
 

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nnunet_liver_ext.errors import UserError, free_dataset_id, other_names_of_id
 from nnunet_liver_ext.phantom.case import PhantomCase
 from nnunet_liver_ext.phantom.config import LESION_CLASSES, MRI_PHASES, REFERENCE_PHASE
 
@@ -128,21 +129,33 @@ def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     os.replace(tmp, target)
 
 
+class TargetTaken(UserError, FileExistsError):
+    """Where a phantom would go is taken (a dataset id, a folder that is not empty). A FileExistsError for callers of
+    the writers, a UserError (message and fix) for the command line."""
+
+
 def check_raw_target(raw_root, dataset_id: int, name: str, overwrite: bool = False) -> Path:
     """``raw_root/Dataset{id:03d}_{name}``, once id and name are valid, it does not exist (or ``overwrite``), and
-    no dataset of another name has the id (nnU-Net then finds neither: "More than one dataset name found")."""
+    no dataset of another name has the id, in the raw folder or in nnUNet_preprocessed / nnUNet_results (nnU-Net
+    then finds neither: "More than one dataset name found for dataset id"). ``overwrite`` replaces only this raw
+    folder, so it cannot clear such a clash: it is refused too, and another dataset's data is never touched."""
     if not (0 < int(dataset_id) < 1000):
         raise ValueError(f"dataset_id must be in 1..999, got {dataset_id}")
     if not name or any(ch in name for ch in "/\\ ") or name.startswith("."):
         raise ValueError(f"dataset name must be a non-empty word without spaces or slashes, got {name!r}")
+    dataset_id = int(dataset_id)
     raw_root = Path(raw_root)
-    target = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
-    others = sorted(p.name for p in raw_root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir() and p != target)
+    target = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    others = other_names_of_id(dataset_id, name, raw_root)
     if others:
-        raise FileExistsError(f"dataset id {int(dataset_id)} is taken in {raw_root} by {', '.join(others)}; nnU-Net "
-                              f"needs one name per id (choose another id, or remove that dataset)")
+        free = free_dataset_id(dataset_id, raw_root)
+        taken = "; ".join(f"{other} (in {', '.join(where)})" for other, where in others.items())
+        raise TargetTaken(f"dataset id {dataset_id} is taken by {taken}; nnU-Net needs one name per id (with two it "
+                          f"finds neither: \"More than one dataset name found\")",
+                          (f"choose another id (-d {free} is free)" if free else "choose another id")
+                          + f", or rename or remove {', '.join(others)}")
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+        raise TargetTaken(f"{target} exists", "--overwrite (overwrite=True) replaces it; or choose another name or id")
     return target
 
 
@@ -477,7 +490,8 @@ def write_tcga_dicom(out_dir, cases: Sequence[PhantomCase], test_cases: Sequence
     if duplicated:
         raise ValueError(f"case ids in both train and test cases: {sorted(duplicated)}")
     root = Path(out_dir)
-    truth_root = Path(truth_dir) if truth_dir is not None else root.with_name(root.name + "_test_truth")
+    absolute = Path(os.path.abspath(root))  # '.' has no name to append to
+    truth_root = Path(truth_dir) if truth_dir is not None else absolute.with_name(absolute.name + "_test_truth")
     if test_cases and truth_root.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"the test truth folder {truth_root} is inside the source folder {root}, where the "
                          f"converter would read it as a patient")
