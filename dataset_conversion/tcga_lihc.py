@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -494,7 +495,25 @@ def discover(src: str | Path, options: ConversionOptions) -> list[CaseTask]:
                               extra={"phases": selected, "phase_map": phase_map,
                                      "truth_motion": truth.get(patient.name)}))
     check_case_table_matches(table, (p.name for p in patients), csv_path, str(src), "patient folder")
+    _check_phase_map_patients(phase_map, [p.name for p in patients], options.phase_map, src)
     return tasks
+
+
+def _check_phase_map_patients(phase_map: dict, patients: list[str], path, src: Path) -> None:
+    """Per-patient sections of --phase-map ({"patient": {...}}) are looked up by the exact folder name: one whose
+    name differs from a folder only in letter case would be ignored without a word (an error), one that names no
+    folder is a patient not downloaded (a warning)."""
+    names = set(patients)
+    by_lower = {p.lower(): p for p in patients}
+    unmatched = sorted(k for k, v in phase_map.items() if isinstance(v, dict) and k not in names)
+    case_only = [f"{k!r} (the folder is {by_lower[k.lower()]!r})" for k in unmatched if k.lower() in by_lower]
+    if case_only:
+        raise ConversionFailed([ConversionError(
+            f"per-patient section(s) {', '.join(case_only)} differ from the patient folder only in letter case and "
+            f"would not apply; write the names exactly as the folders", None, path)], "bad phase mapping")
+    if unmatched:
+        warnings.warn(f"file {path}: per-patient section(s) {', '.join(map(repr, unmatched))} name no patient folder "
+                      f"in {src} and are not used", stacklevel=2)
 
 
 def _known_motion(path: Path) -> dict:

@@ -161,3 +161,23 @@ def test_tcga_series_folder_symlinked_into_a_patient_is_read(tmp_path):
     series.symlink_to(moved, target_is_directory=True)
     (series.parent / "loop").symlink_to(patient, target_is_directory=True)  # read once, not forever
     assert sorted(s.description for s in tcga_lihc.scan_patient(patient, patient.name)) == before
+
+
+def test_a_phase_map_section_for_a_patient_in_another_letter_case_is_an_error(tmp_path):
+    """A per-patient --phase-map section is looked up by the exact folder name: 'tcga-ph-0000' never applied, so the
+    series it meant to fix kept their guessed phases."""
+    phantom = pytest.importorskip("nnunet_liver_ext.phantom")
+    from nnunet_liver_ext.dataset_conversion import tcga_lihc
+
+    config = phantom.PhantomConfig(modality="CT", shape=(12, 48, 48), n_lesions_range=(1, 1))
+    src = phantom.write_tcga_dicom(tmp_path / "tcga", phantom.generate_cases(1, config, 22, progress=False))
+    mapping = tmp_path / "map.json"
+    options = ConversionOptions(str(tmp_path / "raw"), 77, "T", phase_map=str(mapping), progress=False)
+    mapping.write_text(json.dumps({"tcga-ph-0000": {"AP 5mm": "arterial"}}))
+    with pytest.raises(ConversionFailed, match=r"'tcga-ph-0000' \(the folder is 'TCGA-PH-0000'\) differ from the "
+                                               r"patient folder only in letter case") as refused:
+        tcga_lihc.discover(src, options)
+    assert str(mapping) in str(refused.value)
+    mapping.write_text(json.dumps({"TCGA-PH-0099": {"AP 5mm": "arterial"}}))  # a patient not downloaded
+    with pytest.warns(UserWarning, match="'TCGA-PH-0099' name no patient folder"):
+        assert [t.case_id for t in tcga_lihc.discover(src, options)] == ["TCGA-PH-0000"]
