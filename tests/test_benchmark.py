@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,8 @@ def test_report_statistics_match_scipy_and_are_reproducible():
     assert lo < values.mean() < hi and 3 < (hi - lo) / (values.std() / np.sqrt(30)) < 5
     d = report.describe([0.5, float("nan"), 0.7, ""])
     assert d["n"] == 2 and d["n_undefined"] == 1 and d["mean"] == pytest.approx(0.6)
+    # the sample SD (n - 1), as reports of per-case scores give it
+    assert report.describe([1.0, 2.0, 3.0, 4.0])["sd"] == pytest.approx(statistics.stdev([1.0, 2.0, 3.0, 4.0]))
 
 
 def test_the_tumor_label_for_lesion_metrics_goes_by_the_trainers_names():
@@ -313,6 +316,23 @@ def test_the_tumor_label_for_lesion_metrics_goes_by_the_trainers_names():
     sparse = settings_from_dataset_json({"labels": {"background": 0, "liver": 1, "tumor": 2, "ignore": 3}})
     assert sparse.ignore_label == 3 and sparse.tumor_labels == (2,)
     assert settings_from_dataset_json({"labels": {"background": 0, "liver": 1}}).tumor_labels is None
+
+
+def test_evaluation_counts_diagonally_touching_tumor_voxels_as_one_lesion_by_default(tmp_path):
+    """The library's default connectivity is evaluate's (--connectivity 3, the 26-neighbourhood): with faces only,
+    a lesion whose voxels touch at a corner would count as several lesions in the reference and the prediction."""
+    from nnunet_liver_ext.evaluation.benchmark import collect_folder, compute_case
+
+    seg = np.zeros((4, 4, 4), np.uint8)
+    seg[1:3, 1:3, 1:3] = 1
+    seg[1, 1, 1] = seg[2, 2, 2] = 2  # touching at a corner only
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+        _write(seg, tmp_path / folder / "case_0.nii.gz")
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "file_ending": ".nii.gz"}
+    inputs = collect_folder(tmp_path / "pred", tmp_path / "gt", dataset_json)
+    row = compute_case(inputs.jobs[0], inputs.settings)["row"]
+    assert (row["n_ref_lesions"], row["n_pred_lesions"], row["lesion_tp"]) == (1, 1, 1)
 
 
 def test_a_fold_listed_twice_is_refused():

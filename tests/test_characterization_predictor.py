@@ -293,3 +293,51 @@ def test_a_segmentation_only_method_builds_no_head_even_with_labelled_cases():
     block = SegmentationOnly.plans_with_liver_block(_trainer_plans(dataset_json["labels"]),
                                                     dataset_json)["nnunet_liver_ext"]
     assert block["case_heads"] == [] and block["method_case_heads"] == []
+
+
+def test_folds_are_combined_as_the_softmax_of_their_mean_logits():
+    """As nnU-Net combines the folds' segmentations (mean of logits): a mean of the folds' probabilities would
+    let one confident fold outweigh the others' logits."""
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    pr._fold_records = [{"cls_logits": torch.tensor(logits, dtype=torch.float64), "curve": None,
+                         "lesion_detected": True} for logits in ([4.0, 0.0], [-1.0, 1.0])]
+    # mean logits [1.5, 0.5]: p(A) = 1 / (1 + e^-1)
+    assert pr._combine_folds()["probabilities"][0] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_lesion_voxels_are_those_the_written_segmentation_calls_tumor():
+    """A tumor logit above 0 is no lesion where the background's is higher: nnU-Net writes the argmax."""
+    pr = predictor(KnownOutputs(1e-9), plans(BLOCK))
+    logits = torch.tensor([5.0, -20.0, 1.0]).view(3, 1, 1, 1).expand(3, 4, 4, 4).clone()
+    pr._patch_slicers = [(slice(None), slice(0, 4), slice(0, 4), slice(0, 4))]
+    assert pr._patch_lesion_voxels(logits).tolist() == [0.0]
+    logits[2, :2] = 6.0
+    assert pr._patch_lesion_voxels(logits).tolist() == [32.0]
+
+
+class ConstantHeads(nn.Module):
+    """Class logits [2, 0] whatever the input (so in every mirrored pass too); no lesion."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, x, heads=False, lesion_mask=None):
+        self.calls += 1
+        seg = torch.cat([torch.zeros_like(x[:, :1]), torch.full_like(x[:, :1], -20.0),
+                         torch.full_like(x[:, :1], -20.0)], 1)
+        if not heads:
+            return seg
+        return NetworkOutput(seg=seg, cls_logits=torch.tensor([[2.0, 0.0]]).expand(x.shape[0], 2))
+
+
+def test_mirrored_passes_average_the_class_logits_too():
+    """With test-time mirroring (nnU-Net's default) every flipped pass's class logits count, as its segmentation
+    does; dropped, the logits would be divided by the 8 passes all the same and the class output flattened."""
+    pr = predictor(ConstantHeads(), plans(BLOCK))
+    pr.use_mirroring = True
+    heads = pr.characterize_preprocessed(torch.zeros(1, *PATCH))  # one tile, 8 passes
+    assert pr.network.calls == 8
+    assert heads["probabilities"] == pytest.approx(torch.softmax(torch.tensor([2.0, 0.0]), 0).tolist())
+

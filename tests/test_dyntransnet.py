@@ -1,5 +1,5 @@
 """DynTransNet as a plain torch module: the network contract, the paper's modules (D-MSA, FM-M, RM),
-the attention layout that makes 3D patches fit, and the ablations."""
+the attention layout that makes 3D patches fit, the ablations; and the trainer's warm-up and clipping."""
 import math
 
 import numpy as np
@@ -11,6 +11,7 @@ from nnunet_liver_ext.networks.contract import NetworkOutput
 from nnunet_liver_ext.networks.dyntransnet import (ConcatFusion, DynamicMSA, DynTransNet, FeatureMix,
                                                    ResidualModule, WeightedSumFusion, attention_with_key_bias,
                                                    cumulative_strides, window_partition, window_reverse)
+from test_mti_net_trainer import make_batch, make_trainer, nnunet_folders  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -320,6 +321,37 @@ def test_ddp_every_parameter_gets_a_gradient(variant, num_case_classes, tmp_path
         assert without_grad == []
     finally:
         dist.destroy_process_group()
+
+
+def test_trainer_warms_up_linearly_from_the_first_step(nnunet_folders):  # noqa: F811
+    """The warm-up's first step trains at lr / warm-up steps (not at 0, a wasted step), rising by as much per
+    step to the scheduler's rate; without it AdamW's first steps at 1e-3 move the transformer too far."""
+    trainer = make_trainer("nnUNetTrainerDynTransNet")
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 200  # 5 %: a 10-step warm-up
+    assert trainer.warmup_iterations() == 10
+    trainer.on_train_epoch_start()  # the scheduler's rate for epoch 0: 1e-3
+    batch = make_batch(trainer)
+    lrs = []
+    for _ in range(3):
+        trainer.train_step(batch)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
+def test_trainer_clips_gradients_at_its_own_norm_on_the_cpu_path(nnunet_folders, monkeypatch):  # noqa: F811
+    """The transformer trains with clipping at 1 (Primus'), not nnU-Net's 12, also without a grad scaler."""
+    trainer = make_trainer("nnUNetTrainerDynTransNet")
+    assert trainer.grad_scaler is None
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer.train_step(make_batch(trainer))
+    assert norms == [1.0]
 
 
 def test_compiles_without_graph_breaks():

@@ -9,8 +9,10 @@ from torch import nn
 
 from nnunet_liver_ext.losses.inclusion import eroded_region_probability, inclusion_loss
 from nnunet_liver_ext.networks.contract import NetworkOutput
-from nnunet_liver_ext.networks.mamba_codebook import GlobalFeatureRepresentation, MambaCodebookUNet, VectorQuantizer
+from nnunet_liver_ext.networks.mamba_codebook import (GlobalFeatureRepresentation, MambaCodebookUNet,
+                                                      MultiScaleContext, VectorQuantizer)
 from nnunet_liver_ext.networks.ssd import Mamba2SSD
+from test_mti_net_trainer import make_batch, make_trainer, nnunet_folders  # noqa: F401
 from test_std_net import plans_kwargs
 
 torch.set_num_threads(1)
@@ -153,6 +155,7 @@ def test_first_training_batch_initialises_codes_from_features_eval_does_not():
     assert not bool(vq.initialized)
     vq.train()(features)
     assert bool(vq.initialized)
+    assert vq.usage_stats()["restarted"] == 0  # the first initialisation is no restart of a dead code
     assert (vq.codes.detach() - 7.0).abs().max() < 1.0
     assert "initialized" in vq.state_dict() and "counts" not in vq.state_dict()
     assert "counts" not in dict(vq.named_buffers())  # DDP broadcasts buffers from rank 0 every step
@@ -199,15 +202,55 @@ def test_dead_code_restart_revives_a_dead_code():
     data = torch.randn(1, 2, 10, 10) * 0.1  # features around the origin
     with torch.no_grad():
         vq.codes.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0], [0.05, 0.05], [-0.05, 0.0]]))
-    for _ in range(6):  # code 1 is never chosen: its usage share halves every step
+    for step in range(6):  # code 1 is never chosen: its usage share halves every step
         _, _, indices = vq(data)
         if vq.restarted:
             break
         assert not (indices == 1).any()
-    assert vq.restarted >= 1
+    # 0.25 halves to 1/64 in four steps, below 0.1 / 4 codes: the fifth step restarts code 1 and no other
+    assert step == 4 and int(vq.restarted) == 1
     assert vq.codes[1].detach().norm() < 1.0  # moved onto a feature vector
     _, _, indices = vq(data)
     assert (indices == 1).any()  # and in use again
+
+
+def test_usage_share_is_a_moving_average_of_the_assignments():
+    """usage_ema <- decay * usage_ema + (1 - decay) * share: it stays a distribution over the codes, which
+    the dead-code threshold (a share) is compared with."""
+    vq = VectorQuantizer(2, 4, usage_decay=0.9).train()
+    vq.initialized.fill_(True)
+    with torch.no_grad():
+        vq.codes.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
+    vq(torch.zeros(1, 2, 3, 3))  # every vector on code 0
+    assert vq.usage_ema.tolist() == pytest.approx([0.9 * 0.25 + 0.1, 0.9 * 0.25, 0.9 * 0.25, 0.9 * 0.25])
+    assert float(vq.usage_ema.sum()) == pytest.approx(1.0)
+
+
+def test_dead_code_threshold_is_a_share_of_a_uniform_use():
+    """restart_threshold is relative to 1 / num_codes: with 0.5 and 4 codes a code below 1/8 of the assignments
+    is dead; the codes above it keep what they learned."""
+    vq = VectorQuantizer(2, 4, dead_code_restart=True, restart_threshold=0.5).train()
+    vq.initialized.fill_(True)
+    with torch.no_grad():
+        vq.usage_ema.copy_(torch.tensor([0.3, 0.3, 0.3, 0.1]))
+    before = vq.codes.detach().clone()
+    vq(torch.randn(1, 2, 4, 4))
+    assert int(vq.restarted) == 1
+    assert torch.equal(vq.codes.detach()[:3], before[:3]) and not torch.equal(vq.codes.detach()[3], before[3])
+
+
+def test_multi_scale_context_block_is_residual():
+    """The MCE block adds its context to its input (x + fuse(...)): with the fuse branch at zero it is the
+    identity, so an untrained block passes the encoder's features on."""
+    torch.manual_seed(0)
+    block = MultiScaleContext(nn.Conv3d, 8, 3, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True},
+                              nonlin=nn.LeakyReLU)
+    with torch.no_grad():
+        for parameter in block.fuse.parameters():
+            parameter.zero_()
+    x = torch.randn(2, 8, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)
 
 
 def test_quantization_runs_in_fp32_under_autocast():
@@ -292,6 +335,14 @@ def test_inclusion_loss_is_zero_for_a_large_tumor_enclosed_by_liver_and_pushes_o
     assert logits.grad[:, 2][outside_tumor].sum() > 0  # descent lowers the tumor logits outside the liver
 
 
+def test_a_tumor_at_the_border_of_a_patch_inside_the_liver_costs_nothing():
+    """Training patches are cut out of the liver: the patch border is not outside the liver, so the erosion
+    treats it as inside (a border counted as background would push every tumor near it down)."""
+    labels = torch.ones(1, 8, 10, 10, dtype=torch.long)
+    labels[:, 0:3, 0:3, 0:3] = 2
+    assert inclusion_loss(_logits_from_labels(labels), liver_channel=1, tumor_channel=2).item() < 1e-6
+
+
 def test_erosion_and_bad_arguments():
     p = torch.zeros(1, 1, 7, 7)
     p[..., 1:6, 1:6] = 1
@@ -337,6 +388,26 @@ def test_inclusion_loss_on_region_outputs():
     tumor_outside = torch.full((1, 1, 9, 9, 9), -8.0)
     tumor_outside[..., 0, 0, 0:3] = 8.0
     assert float(inclusion_loss(torch.cat((liver, tumor_outside), 1), 0, 1, activation="sigmoid")) > 2 / 9 ** 3
+
+
+def test_trainer_weights_vq_and_inclusion_terms_and_reads_inclusion_from_the_full_resolution_output(
+        nnunet_folders):  # noqa: F811
+    """L = L_seg + 0.4 L_vq + 0.6 L_inc (the paper's eq. 8); the inclusion term reads the full-resolution output,
+    which nnU-Net trains (it gives the coarsest deep-supervision output weight 0)."""
+    trainer = make_trainer("nnUNetTrainerMambaCodebook")
+    batch = make_batch(trainer)
+    # logits of the reference (tumor inside the liver) at both resolutions, and with a tumor in the background
+    full, coarse = (_logits_from_labels(t[:, 0].long()) for t in batch["target"])
+    full_outside, coarse_outside = full.clone(), coarse.clone()
+    for logits in (full_outside, coarse_outside):
+        logits[:, :, 0, 0, :4] = torch.tensor([0.0, 0.0, 20.0]).view(1, 3, 1)
+    terms = trainer.case_loss_terms(NetworkOutput(seg=[full_outside, coarse], aux_losses={"vq": torch.tensor(1.0)}),
+                                    batch["target"], batch["keys"])
+    assert float(terms["vq"]) == pytest.approx(0.4)
+    assert float(terms["inc"]) == pytest.approx(0.6 * float(inclusion_loss(full_outside, 1, 2)))
+    assert float(terms["inc"]) > 0
+    terms = trainer.case_loss_terms(NetworkOutput(seg=[full, coarse_outside]), batch["target"], batch["keys"])
+    assert float(terms["inc"]) < 1e-6  # the coarsest output's stray tumor does not count
 
 
 def test_trainer_catalogue():
@@ -389,6 +460,8 @@ def test_paper_widths_on_deeper_plans_train_each_output_with_nnunets_weights(mon
                 n_conv_per_stage_decoder=[1] * 4)
     plans["configurations"]["3d_fullres"]["pool_op_kernel_sizes"] = arch["strides"]
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    # a user's nnUNet_preprocessed makes nnU-Net's __init__ read the plans' data_identifier, which these lack
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     monkeypatch.setattr("nnunetv2.training.nnUNetTrainer.nnUNetTrainer.infer_dataset_class", lambda folder: None)
     dataset_json = {"labels": labels, "channel_names": {"0": "CT", "1": "CT"}, "file_ending": ".nii.gz"}
     trainer = nnUNetTrainerMambaCodebook_paper(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json,

@@ -328,6 +328,18 @@ def test_lesion_detection_at_iou_above_one_half():
     assert math.isnan(lesions.detection_scores(0, 0, 0)["lesion_recall"])
 
 
+def test_lesion_dice_of_a_lesion_split_in_two_counts_both_pieces():
+    """A lesion predicted as two pieces is scored on both (the union of the touching components), not on the
+    larger piece alone."""
+    ref = np.zeros((1, 1, 5), bool)
+    ref[0, 0, :] = True  # voxels 0-4
+    pred = np.zeros_like(ref)
+    pred[0, 0, [0, 1, 3, 4]] = True  # two pieces: 0-1 and 3-4
+    counts, rows = lesions.match_lesions(pred, ref, (1.0, 1.0, 1.0), connectivity=3)
+    assert counts["n_pred_lesions"] == 2
+    assert rows[0]["lesion_dice"] == pytest.approx(2 * 4 / (5 + 4))
+
+
 def test_size_strata_use_the_equivalent_sphere_diameter():
     assert lesions.stratum_labels((10, 20)) == ["<10mm", "10-20mm", ">=20mm"]
     volume_15mm = math.pi / 6 * 15 ** 3

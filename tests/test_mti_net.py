@@ -138,6 +138,18 @@ def test_contract_2d_3d_deep_supervision(dim, shape, deep_supervision):
                                                            mdief="none").compute_conv_feature_map_size(shape)
 
 
+def test_feature_map_size_counts_encoder_and_mdief_once_per_phase():
+    """The VRAM planners size the patch and batch from this count: each phase runs the encoder and MdIEF's
+    filtered, spectral and fused maps at every skip."""
+    from nnunet_liver_ext.networks.blocks import encoder_skip_sizes, numel
+
+    two, three = make(num_phases=2), make(num_phases=3)
+    added = three.compute_conv_feature_map_size(SHAPE3D) - two.compute_conv_feature_map_size(SHAPE3D)
+    mdief = 3 * sum(numel(ch, *size) for ch, size in zip(two.encoder.output_channels,
+                                                          encoder_skip_sizes(two.encoder, SHAPE3D)))
+    assert added >= two.encoder.compute_conv_feature_map_size(SHAPE3D) + mdief
+
+
 def test_forward_never_runs_the_discriminator():
     net = make()
     calls = []

@@ -203,7 +203,11 @@ def test_curve_term_counts_only_patches_that_show_the_lesion(nnunet_folders):
     terms = trainer.case_loss_terms(NetworkOutput(seg=batch["target"], curve=curve), batch["target"], batch["keys"])
     terms["curve"].backward()
     assert curve.grad[0].abs().sum() > 0 and curve.grad[1].abs().sum() == 0
-    mean, std = liver_ext_block(trainer.plans_manager.plans)["enhancement_stats"]
+    # standardised with the mean and SD of every curve value of dataset.json, computed here, not read back from
+    # the plans the trainer wrote (where a wrong SD would hide in both sides)
+    values = np.array(list(DATASET_JSON["enhancement"].values()))
+    mean, std = values.mean(), values.std()
+    assert liver_ext_block(trainer.plans_manager.plans)["enhancement_stats"] == pytest.approx([mean, std])
     expected = (torch.tensor(DATASET_JSON["enhancement"]["a"]) - mean) / std
     assert float(terms["curve"]) == pytest.approx(trainer.loss_weights["curve"] * float(expected.abs().mean()), rel=1e-5)
     for t in batch["target"]:

@@ -87,6 +87,16 @@ def test_calibrated_estimate_predicts_saved_bytes_at_another_patch(preset):
     assert ours / unet == pytest.approx(calibration["factor"], rel=0.15), (ours, unet, calibration)
 
 
+def test_predicted_gb_is_nnunets_reference_scaling_in_elements_and_batch_size():
+    """nnU-Net's ExperimentPlanner: 560e6 elements per sample at batch 2 (3d), 85e6 at batch 12 (2d) fill 8 GB;
+    the GB grow with both, so a doubled batch needs twice the memory."""
+    assert predicted_gb(560e6, 2, 3) == pytest.approx(8.0)
+    assert predicted_gb(560e6, 4, 3) == pytest.approx(16.0)
+    assert predicted_gb(280e6, 2, 3) == pytest.approx(4.0)
+    assert predicted_gb(85e6, 24, 2) == pytest.approx(16.0)
+    assert predicted_gb(100e6, 3, 3, reference=(100e6, 1, 24.0)) == pytest.approx(72.0)  # a ResEnc planner's own
+
+
 # ------------------------------------------------------------------ planning a phantom dataset with nnU-Net's API
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
@@ -135,9 +145,10 @@ def test_planner_writes_plans_that_nnunet_loads_and_trains_with(phantom, preset,
         assert planned.spacing == stock["configurations"][config]["spacing"]
         estimate = plans["configurations"][config]["vram_estimate"]
         assert estimate["trainer"] == PRESETS[preset].trainer_name
-        assert estimate["predicted_gb"] == pytest.approx(predicted_gb(estimate["estimate_per_sample"],
-                                                                      planned.batch_size, len(planned.patch_size)),
-                                                         rel=1e-3)
+        # nnU-Net's reference scaling: 8 GB for 560e6 elements at batch 2 (3d), 85e6 at batch 12 (2d)
+        elements, reference_batch = {2: (85e6, 12), 3: (560e6, 2)}[len(planned.patch_size)]
+        assert estimate["predicted_gb"] == pytest.approx(
+            8 * estimate["estimate_per_sample"] * planned.batch_size / (elements * reference_batch), rel=1e-3)
         assert estimate["predicted_gb"] <= estimate["gpu_memory_target_gb"]
 
     train_two_iterations(phantom, plans, trainer_of(preset), monkeypatch)
@@ -272,6 +283,19 @@ def test_dyntransnet_with_no_room_for_two_stages_is_refused(phantom):
     message = str(refused.value)
     assert "DynTransNet needs n_stages >= 2" in message and "at patch size [" in message, message
     assert not (phantom["pre"] / "nnUNetPlans_refused.json").exists()
+
+
+def test_a_one_stage_configuration_is_refused_naming_it(phantom):
+    """STD-Net builds with one stage, but then has no decoder and so no segmentation output: what nnU-Net's search
+    reaches shrinking the patch is refused, not planned."""
+    with pytest.MonkeyPatch.context() as env:
+        for var, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+            env.setenv(var, str(phantom["root"] / folder))
+        planner = PRESETS["stdnet"](DATASET_ID)
+    one_stage = configuration((16, 32, 32), n_stages=1)
+    one_stage["architecture"]["arch_kwargs"].update(strides=[[1, 1, 1]], n_conv_per_stage_decoder=[])
+    with pytest.raises(UserError, match=r"n_stages 1.*leaves one stage"):
+        planner.build_checked(one_stage, 3, 3)
 
 
 def test_a_vram_target_no_patch_fits_is_refused_naming_the_target(phantom):

@@ -282,3 +282,38 @@ def test_a_truncated_checkpoint_is_called_unreadable_not_a_misfit(nnunet_folders
     with pytest.raises(UserError, match=f"{path} cannot be read .*truncated or corrupt") as error:
         make_trainer("nnUNetTrainerSTDNet", continue_training=True).load_checkpoint(str(path))
     assert "move it aside and rerun with --c" in error.value.fix
+
+
+def test_random_state_round_trips_all_three_generators():
+    """Dropout and sampling draw from torch's, numpy's and Python's generators; one not put back draws other
+    patches or masks than the run it continues."""
+    from nnunet_liver_ext.training.resume import capture_random_state, restore_random_state
+
+    state = capture_random_state(torch.device("cpu"))
+    first = (np.random.rand(4), random.random(), torch.rand(4))
+    restore_random_state(state, torch.device("cpu"))
+    again = (np.random.rand(4), random.random(), torch.rand(4))
+    np.testing.assert_array_equal(again[0], first[0])
+    assert again[1] == first[1] and torch.equal(again[2], first[2])
+
+
+def test_on_train_start_puts_the_generators_back_after_nnunets_warm_up_draws(nnunet_folders, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """nnU-Net's on_train_start draws a warm-up batch from each data loader after load_checkpoint; the resumed
+    run must then draw what the uninterrupted run drew after its checkpoint."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    path = tmp_path / "checkpoint_latest.pth"
+    _seed_everything(3)
+    make_trainer("nnUNetTrainerDynTransNet").save_checkpoint(str(path))
+    expected = (np.random.rand(3), random.random(), torch.rand(3))  # the uninterrupted run's next draws
+    resumed = make_trainer("nnUNetTrainerDynTransNet", continue_training=True)
+    resumed.load_checkpoint(str(path))
+    # nnU-Net's on_train_start without a data set: only its loaders' warm-up draws
+    monkeypatch.setattr(nnUNetTrainer, "on_train_start",
+                        lambda self: (np.random.rand(5), random.random(), torch.rand(5)))
+    resumed.on_train_start()
+    drawn = (np.random.rand(3), random.random(), torch.rand(3))
+    np.testing.assert_array_equal(drawn[0], expected[0])
+    assert drawn[1] == expected[1] and torch.equal(drawn[2], expected[2])
+

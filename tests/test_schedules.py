@@ -7,6 +7,7 @@ five-fold benchmark test); this module checks the whole table for every trainer 
 """
 import importlib
 import pkgutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_liver_ext.paths import TRAINERS_DIR
-from nnunet_liver_ext.training.schedules import SCHEDULE_SETTINGS, SCHEDULES, register_schedule_variants
+from nnunet_liver_ext.training.schedules import (SCHEDULE_SETTINGS, SCHEDULES, apply_schedule,
+                                                 register_schedule_variants)
 
 from test_characterization_predictor import _trainer_plans
 
@@ -44,6 +46,8 @@ def _base_trainers():
 def ext_trainers(monkeypatch, tmp_path):
     monkeypatch.setenv("nnUNet_extTrainer", str(TRAINERS_DIR))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    # a user's nnUNet_preprocessed makes nnU-Net's __init__ read the plans' data_identifier, which these lack
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
 
 
 def test_every_trainer_has_every_schedule_and_nnunet_finds_it_by_name(capsys):
@@ -72,17 +76,32 @@ def test_a_derived_variant_is_its_trainer_with_the_schedule_applied(name, capsys
     epochs, iterations, val_iterations = SCHEDULES[trainer_class.schedule_name]
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == \
         (epochs, iterations, val_iterations)
+    base = trainer_class.schedule_base
+    plain = base(dict(_trainer_plans(dataset_json["labels"]), continue_training=False), "3d_fullres", 0, dataset_json,
+                 device=torch.device("cpu"))
     for attribute, value in SCHEDULE_SETTINGS.get(trainer_class.schedule_name, {}).items():
-        assert getattr(trainer, attribute) == value
+        # the schedule's own setting, not one the trainer has anyway
+        assert getattr(trainer, attribute) == value != getattr(plain, attribute)
     # nnU-Net records the constructor arguments for checkpoints and DDP restarts
     assert set(trainer.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
-    base = trainer_class.schedule_base
     assert type(trainer).__mro__[1] is base
     if hasattr(trainer, "warmup_epochs"):  # _paper: the warm-up shrinks with the schedule and stays valid
         assert 0 <= trainer.warmup_epochs < trainer.num_epochs
         trainer.network = torch.nn.Linear(1, 1)
         trainer.configure_optimizers()
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("num_epochs,warmup_epochs,schedule,expected", [
+    (100, 20, "short", 4),  # a fifth of the run, as in the full schedule
+    (1000, 20, "demo", 0),  # under one epoch of the short run: none
+    (10, 9, "tiny", 0),  # at most the schedule's epochs - 1
+])
+def test_a_warm_up_shrinks_in_proportion_to_the_schedule(num_epochs, warmup_epochs, schedule, expected):
+    """A warm-up kept at its full length would outlast a short schedule (or take most of it)."""
+    trainer = SimpleNamespace(num_epochs=num_epochs, warmup_epochs=warmup_epochs, print_to_log_file=lambda *a: None)
+    apply_schedule(trainer, schedule)
+    assert (trainer.warmup_epochs, trainer.num_epochs) == (expected, SCHEDULES[schedule][0])
 
 
 def test_registering_leaves_existing_and_foreign_names_alone():

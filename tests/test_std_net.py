@@ -174,6 +174,11 @@ def test_reference_phase_decodes_from_that_phase_alone():
 def test_feature_map_size_grows_with_phases():
     one, three = make(num_phases=1), make(num_phases=3)
     assert three.compute_conv_feature_map_size(SHAPE3D) > one.compute_conv_feature_map_size(SHAPE3D) > 0
+    # the shared encoder runs once per phase: each phase adds at least its maps (the VRAM planners size the
+    # patch and batch from this count)
+    two = make(num_phases=2)
+    added = three.compute_conv_feature_map_size(SHAPE3D) - two.compute_conv_feature_map_size(SHAPE3D)
+    assert added >= two.encoder.compute_conv_feature_map_size(SHAPE3D)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,4 +1,6 @@
 """The multi-task mechanics every method's trainer shares (nnunet_liver_ext.training, .losses)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from nnunet_liver_ext.training.case_labels import CaseTargets
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer, tumor_label_value
 from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, split_parameters
 from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler
+from test_mti_net_trainer import make_batch, make_trainer, nnunet_folders  # noqa: F401
 
 DATASET_JSON = {
     "labels": {"background": 0, "liver": 1, "tumor": 2},
@@ -58,6 +61,8 @@ def test_case_targets_lookup_and_unknown_cases():
 
 @pytest.mark.parametrize("patch,message", [
     ({"characterization": {"classes": ["HCC"], "cases": {"case_7": 3}}}, "case 'case_7' has class index 3"),
+    # one past the last class: the class head has no such output
+    ({"characterization": {"classes": ["HCC"], "cases": {"case_7": 1}}}, "case 'case_7' has class index 1"),
     ({"enhancement": {"case_8": [1.0, 2.0]}}, "case 'case_8' has 2 values"),
     # one NaN made the standardisation stats NaN, and with them every case's curve loss
     ({"enhancement": {"case_9": [1.0, float("nan"), 2.0]}}, "case 'case_9' has .*finite numbers"),
@@ -97,9 +102,11 @@ def test_masked_losses_match_the_unmasked_loss_on_the_kept_samples_and_stay_conn
 
 
 def test_hybrid_optimizer_steps_both_decays_each_group_from_its_own_rate_and_round_trips():
-    net = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "temporal": torch.nn.Linear(4, 2)})
+    # the halves differ in size, so parameters put in the wrong half do not pass unnoticed
+    net = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 4), "temporal": torch.nn.Linear(4, 2, bias=False)})
     sgd_params, adam_params = split_parameters(net, ("temporal.",))
-    assert len(sgd_params) == 2 and len(adam_params) == 2
+    assert [id(p) for p in sgd_params] == [id(net["encoder"].weight), id(net["encoder"].bias)]
+    assert [id(p) for p in adam_params] == [id(net["temporal"].weight)]
     optimizer = HybridOptimizer([torch.optim.SGD(sgd_params, 1e-2, momentum=0.99, nesterov=True),
                                  torch.optim.AdamW(adam_params, 1e-3)])
     scheduler = PolyLRPerGroup(optimizer, max_steps=10)
@@ -109,6 +116,8 @@ def test_hybrid_optimizer_steps_both_decays_each_group_from_its_own_rate_and_rou
     net["temporal"](net["encoder"](torch.randn(2, 4))).sum().backward()
     optimizer.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    optimizer.zero_grad()  # both halves: a stale AdamW gradient would be added to the next step's
+    assert all(p.grad is None for p in net.parameters())
     state = optimizer.state_dict()
     fresh = HybridOptimizer([torch.optim.SGD(sgd_params, 1.0, momentum=0.99, nesterov=True),
                              torch.optim.AdamW(adam_params, 1.0)])
@@ -143,6 +152,8 @@ def _poisoned_trainer_and_batch(monkeypatch, tmp_path):
             return terms
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    # a user's nnUNet_preprocessed makes nnU-Net's __init__ read the plans' data_identifier, which these lack
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     dataset_json = dict(DATASET_JSON, channel_names={"0": "CT", "1": "CT", "2": "CT"}, file_ending=".nii.gz")
     trainer = Poisoned(dict(_trainer_plans(dataset_json["labels"]), continue_training=False), "3d_fullres", 0,
                        dataset_json, device=torch.device("cpu"))
@@ -190,6 +201,7 @@ def test_curves_whose_length_is_not_the_channel_count_stop_training_at_once_with
     from test_characterization_predictor import _trainer_plans
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)  # as in _poisoned_trainer_and_batch
     labels = {"background": 0, "liver": 1, "tumor": 2}
     dataset_json = {"labels": labels, "channel_names": {"0": "T1", "1": "T1", "2": "T1"}, "file_ending": ".nii.gz",
                     "characterization": {"classes": ["A", "B"], "cases": {"a": 0, "b": 1}},
@@ -197,3 +209,64 @@ def test_curves_whose_length_is_not_the_channel_count_stop_training_at_once_with
     with pytest.raises(ValueError, match=r"curves of 4 values, but without a 'phases' key the 3 input channels"):
         nnUNetTrainerMTINet(dict(_trainer_plans(labels), continue_training=False), "3d_fullres", 0, dataset_json,
                             device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ the shared train_step, on a real trainer
+def test_stdnet_trains_attention_and_head_with_adamw_and_the_convolutions_with_nnunets_sgd(
+        nnunet_folders):  # noqa: F811
+    """Swapped halves or rates (SGD on the Transformer left it at chance, training/optim.py) would pass unseen."""
+    trainer = make_trainer("nnUNetTrainerSTDNet")
+    sgd, adamw = trainer.optimizer.optimizers
+    assert (type(sgd), type(adamw)) == (torch.optim.SGD, torch.optim.AdamW)
+    named = dict(trainer.network.named_parameters())
+    adaptive = {n for n in named if n.startswith(("temporal.", "case_pool.", "cls_head."))}
+    assert adaptive and any(n.startswith("cls_head.") for n in adaptive)
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    in_sgd = {id(p) for g in sgd.param_groups for p in g["params"]}
+    assert in_adamw == {id(named[n]) for n in adaptive}
+    assert in_sgd == {id(p) for n, p in named.items() if n not in adaptive}
+    # nnU-Net's SGD (lr 1e-2, momentum 0.99, Nesterov) and AdamW at 1e-3
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, 1e-3]
+    assert sgd.defaults["momentum"] == 0.99 and sgd.defaults["nesterov"]
+
+
+def test_class_term_counts_only_patches_that_show_the_lesion(nnunet_folders):  # noqa: F811
+    """A patch without tumor voxels cannot show the lesion's class: trained on it, the head would learn the
+    class from liver alone."""
+    from nnunet_liver_ext.networks.contract import NetworkOutput
+
+    trainer = make_trainer("nnUNetTrainerSTDNet")
+    batch = make_batch(trainer)
+    for t in batch["target"]:
+        t[1][t[1] == 2] = 1  # sample "b": liver only
+    cls_logits = torch.zeros(2, 2, requires_grad=True)
+    terms = trainer.case_loss_terms(NetworkOutput(seg=batch["target"], cls_logits=cls_logits), batch["target"],
+                                    batch["keys"])
+    terms["cls"].backward()
+    assert cls_logits.grad[0].abs().sum() > 0 and cls_logits.grad[1].abs().sum() == 0
+    # uniform logits: cross-entropy ln 2 for sample "a" alone, weighted
+    assert float(terms["cls"].detach()) == pytest.approx(trainer.loss_weights["cls"] * math.log(2), rel=1e-6)
+
+
+def test_train_step_gives_the_heads_the_reference_tumor_and_reports_every_term(nnunet_folders,  # noqa: F811
+                                                                            monkeypatch):
+    """The heads learn from the reference lesion from the first iteration (guide_heads_with_reference_lesion),
+    and the case-level terms reach the step's result, from which the epoch's log line is written."""
+    trainer = make_trainer("nnUNetTrainerSTDNet")
+    batch = make_batch(trainer)
+    masks = []
+    forward = trainer.network.forward
+
+    def spy(x, heads=False, lesion_mask=None):
+        masks.append(lesion_mask)
+        return forward(x, heads=heads, lesion_mask=lesion_mask)
+
+    monkeypatch.setattr(trainer.network, "forward", spy)
+    result = trainer.train_step(batch)
+    assert torch.equal(masks[0], (batch["target"][0] == 2).float())
+    assert {"loss", "seg_loss", "cls_loss"} <= set(result)
+    assert float(result["loss"]) == pytest.approx(float(result["seg_loss"]) + float(result["cls_loss"]), rel=1e-5)
+    trainer.guide_heads_with_reference_lesion = False
+    trainer.train_step(batch)
+    assert masks[1] is None  # the network's own lesion probability, as in inference
+
