@@ -267,7 +267,7 @@ def read_image(path: str | os.PathLike, case_id: str) -> sitk.Image:
                               f"({type(e).__name__}: {short_error(e)})", case_id, path) from None
     non_finite = non_finite_description(voxels)
     if non_finite:
-        raise ConversionError(f"image contains {non_finite}", case_id, path)
+        raise ConversionError(f"the file contains {non_finite}", case_id, path)
     return image
 
 

@@ -16,15 +16,28 @@ NIFTI_ENDINGS = (".nii", ".nii.gz")
 
 
 def stored_voxels(path: str, read_with_sitk=None) -> np.ndarray:
-    """The voxel values of ``path`` as stored (header scaling applied). NIfTI: nibabel; any other format:
-    ``read_with_sitk()`` (a SimpleITK image or ``ImageFileReader.Execute``), or SimpleITK's reader. Raises what the
-    reader raises on a damaged file (zlib, nibabel and ITK each their own kind)."""
+    """The voxel values of ``path`` as stored, for the checks: every voxel is read (a truncated file raises), and NaN
+    stays NaN. NIfTI: nibabel, without the header's scaling (scl_slope/scl_inter cannot make an integer voxel NaN,
+    and applying it to an int16 CT volume makes a float64 copy: 4x the memory a converter worker already holds);
+    any other format: ``read_with_sitk()`` (a SimpleITK image or ``ImageFileReader.Execute``), or SimpleITK's
+    reader. Raises what the reader raises on a damaged file (zlib, nibabel and ITK each their own kind)."""
     path = str(path)
     if path.endswith(NIFTI_ENDINGS):
         import nibabel
 
-        # dataobj applies the header's scaling (scl_slope/scl_inter) like any reader does
-        return np.asanyarray(nibabel.load(path).dataobj)
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped or not path.endswith(".gz"):
+            return np.asanyarray(nibabel.load(path).dataobj.get_unscaled())
+        # named .nii.gz but stored uncompressed: SimpleITK (and nnU-Net) read it, nibabel.load would take it for a
+        # broken gzip file
+        with open(path, "rb") as f:
+            try:
+                image = nibabel.Nifti1Image.from_stream(f)
+            except Exception:  # noqa: BLE001 - not NIfTI-1: NIfTI-2, or really damaged (raises again below)
+                f.seek(0)
+                image = nibabel.Nifti2Image.from_stream(f)
+            return np.asanyarray(image.dataobj.get_unscaled())
     import SimpleITK as sitk
 
     image = read_with_sitk() if read_with_sitk is not None else sitk.ReadImage(path)
