@@ -187,6 +187,10 @@ def test_benchmark_writes_csv_report_and_plots(benchmark_run, nnunet_tree):
     assert w["n_pairs"] == N_CASES - 1 and 0 < w["p"] < 0.05
     assert summary["characterization"]["nnUNetTrainerSTDNet"]["pooled"]["n_cases"] == N_CASES - 1
     assert "nnUNetTrainer" not in summary["characterization"]
+    # every fold's statistics are over that fold's validation cases alone, not the pooled ones
+    per_fold = summary["segmentation"]["tumor"]["dice"]["nnUNetTrainer"]["per_fold"]
+    assert {f: d["n"] for f, d in per_fold.items()} == \
+        {str(f): len(nnunet_tree["splits"][f]["val"]) for f in range(5)}
 
     plots = out / "plots"
     for name in ("violin_dice.png", "violin_hd95.png", "lesion_dice_by_size.png",
@@ -341,3 +345,38 @@ def test_a_fold_listed_twice_is_refused():
 
     with pytest.raises(ValueError, match=r"fold list has duplicates: \[0, 1, 0\]"):
         collect_benchmark("Dataset999_Any", "3d_fullres", ["nnUNetTrainer"], folds=[0, 1, 0])
+
+
+def test_the_bootstrap_ci_is_95_percent_and_a_pair_undefined_for_the_baseline_is_left_out():
+    """Guards against a 90 % interval reported as the 95 % one, and against pairs whose baseline value is NaN
+    entering the Wilcoxon test (n_pairs, median difference and p would count an undefined case)."""
+    from nnunet_liver_ext.evaluation import report
+
+    values = np.arange(20.0)
+    lo, hi = report.bootstrap_ci(values)
+    # a 95 % percentile interval of the mean: about 2 x 1.96 standard errors (a 90 % one: 2 x 1.64)
+    assert 3.7 < (hi - lo) / (values.std() / np.sqrt(values.size)) < 4.2
+    w = report.paired_wilcoxon({"a": 1.0, "b": 2.0, "c": 3.5, "d": 4.0},
+                               {"a": 0.5, "b": 1.4, "c": 2.2, "d": float("nan")})
+    assert w["n_pairs"] == 3 and w["median_difference"] == pytest.approx(0.6)
+
+
+def test_collection_adds_a_baseline_not_listed_and_lists_predictions_of_cases_outside_the_split(
+        nnunet_env, tmp_path, monkeypatch):
+    """Guards against --baseline naming a trainer not in -tr leaving it out (no paired tests), and against a
+    prediction of a case outside the fold's validation split going unreported."""
+    import shutil
+
+    from nnunet_liver_ext.evaluation.benchmark import collect_benchmark
+
+    res_copy = tmp_path / "results"
+    stdnet = f"nnUNetTrainerSTDNet__nnUNetPlans__{CONFIG}"
+    for trainer_dir in (stdnet, f"nnUNetTrainer__nnUNetPlans__{CONFIG}"):
+        shutil.copytree(nnunet_env["res"] / trainer_dir / "fold_0", res_copy / DATASET / trainer_dir / "fold_0")
+    val = res_copy / DATASET / stdnet / "fold_0" / "validation"
+    shutil.copy(val / f"{nnunet_env['splits'][0]['val'][0]}.nii.gz", val / "not_in_split.nii.gz")
+    monkeypatch.setenv("nnUNet_results", str(res_copy))
+    inputs = collect_benchmark(DATASET, CONFIG, ["nnUNetTrainerSTDNet"], baseline="nnUNetTrainer", folds=(0,))
+    assert inputs.trainers == ["nnUNetTrainer", "nnUNetTrainerSTDNet"] and inputs.baseline == "nnUNetTrainer"
+    assert {j.trainer for j in inputs.jobs} == {"nnUNetTrainer", "nnUNetTrainerSTDNet"}
+    assert inputs.completeness.unexpected_files == {"nnUNetTrainerSTDNet": [(0, "not_in_split")]}

@@ -359,3 +359,21 @@ def test_case_table_rows_naming_no_case_are_an_error_unless_every_case_has_its_r
     with pytest.raises(ConversionFailed, match=r"'TCGA-Z' \(differs only in letter case from tcga-z\)"):
         common.check_case_table_matches(dict(rows, **{"tcga-z": rows["TCGA-Z"]}), ["TCGA-A", "TCGA-B", "tcga-z"],
                                         table, "/src", "patient")
+
+
+def test_registration_geometry_helpers_work_in_physical_xyz_and_grid_voxels():
+    """Guards against mask points in index (z, y, x) order instead of physical x, y, z, displacements reported in
+    mm instead of voxels of the grid, and a resampled phase filled with 0 (soft tissue in CT) instead of air."""
+    mask = np.zeros((4, 5, 6), np.uint8)
+    mask[1, 2, 3] = 1
+    grid = _image(mask, spacing=(0.8, 0.7, 2.5))
+    np.testing.assert_allclose(registration.mask_points(grid, (1,)), [[-10.0 + 3 * 0.8, 5.0 + 2 * 0.7, 3.0 + 2.5]])
+    points = np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    for shift in ((0.8, 0.0, 0.0), (0.0, 0.7, 0.0), (0.0, 0.0, 2.5)):  # one voxel along each axis
+        moved = registration.euler_from_motion((0, 0, 0), shift, (0, 0, 0))
+        np.testing.assert_allclose(registration.displacement_vox(moved, sitk.Euler3DTransform(), points, grid), 1.0)
+    image = _image(np.full((4, 5, 6), 50.0, np.float32))
+    image[0, 0, 0] = -1000.0
+    moved = registration.euler_from_motion((0, 0, 0), (3 * 0.8, 0, 0), (0, 0, 0))
+    resampled = sitk.GetArrayFromImage(registration.resample_onto(image, image, moved))
+    assert (resampled[:, :, -3:] == -1000.0).all() and resampled[1, 1, 1] == 50.0

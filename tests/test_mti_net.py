@@ -260,3 +260,18 @@ def test_bad_arguments_are_rejected_at_construction(kwargs, message):
 def test_wrong_number_of_input_channels_is_a_clear_error():
     with pytest.raises(ValueError, match="expected 4 input channels"):
         make()(torch.randn(1, 3, *SHAPE3D))
+
+
+def test_mti_net_lesion_prior_follows_the_full_resolution_output_not_the_untrained_coarsest():
+    """Guards against TIM's and the heads' pooling taking its lesion prior from the coarsest deep-supervision
+    output (loss weight 0 in nnU-Net, so it never learns where the lesion is)."""
+    net = make(num_phases=2, deep_supervision=True).eval()
+    x = torch.randn(1, 2, 8, 16, 16)
+    with torch.no_grad():
+        before = net(x, heads=True)
+        net.decoder.seg_layers[0].bias[-1] += 5.0  # the coarsest output
+        after_coarse = net(x, heads=True)
+        torch.testing.assert_close(after_coarse.cls_logits, before.cls_logits)
+        torch.testing.assert_close(after_coarse.curve, before.curve)
+        net.decoder.seg_layers[-1].bias[-1] += 5.0  # the full-resolution output steers the heads
+        assert not torch.allclose(net(x, heads=True).cls_logits, before.cls_logits)

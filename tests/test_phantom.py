@@ -252,3 +252,34 @@ def test_all_classes_from_all_phases(lesion_table):
     assert set(classes) == set(LESION_CLASSES)
     macro = _cv_auc(features, classes, "roc_auc_ovr")
     assert macro >= 0.95, macro
+
+
+def test_hcc_washes_out_and_the_liver_native_density_varies_by_case():
+    """Guards against an HCC without portal/delayed washout (the pattern that tells it from other classes) and
+    against the per-case steatosis offset landing on another tissue than the liver."""
+    from nnunet_liver_ext.phantom.kinetics import CT_TISSUE_VALUES, lesion_compartments, tissue_table
+
+    liver, blood = np.array(CT_TISSUE_VALUES["liver"], float), np.array(CT_TISSUE_VALUES["aorta"], float)
+    for seed in range(20):
+        core = lesion_compartments("HCC", "CT", liver, blood, np.random.default_rng(seed), False)["core"]
+        assert core[1] > liver[1] and core[3] < liver[3]
+    from nnunet_liver_ext.phantom import TISSUES
+    native = [tissue_table("CT", np.random.default_rng(seed))[TISSUES["liver"], 0] for seed in range(40)]
+    assert max(native) - min(native) > 10  # uniform(-10, 8) HU of steatosis, beyond the +-3 HU jitter
+
+
+def test_the_arterial_timing_varies_the_arterial_phase_alone():
+    """Guards against the per-case arterial timing scaling another phase's enhancement than the arterial one."""
+    from nnunet_liver_ext.phantom import TISSUES
+    from nnunet_liver_ext.phantom.kinetics import CT_TISSUE_VALUES, tissue_table
+
+    aorta, ivc = CT_TISSUE_VALUES["aorta"], CT_TISSUE_VALUES["ivc"]
+    portal, arterial = [], []
+    for seed in range(10):
+        t = tissue_table("CT", np.random.default_rng(seed))
+        enhancement = lambda tissue, phase: t[TISSUES[tissue], phase] - t[TISSUES[tissue], 0]  # noqa: E731
+        portal.append(enhancement("aorta", 2) / enhancement("ivc", 2))
+        arterial.append(enhancement("aorta", 1) / enhancement("ivc", 1))
+    # the bolus scales both vessels alike; the timing scales the aorta's arterial peak only
+    np.testing.assert_allclose(portal, (aorta[2] - aorta[0]) / (ivc[2] - ivc[0]), rtol=1e-4)
+    assert np.ptp(arterial) > 0.1

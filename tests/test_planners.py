@@ -390,3 +390,15 @@ def test_channels_that_do_not_split_into_the_phases_are_refused_when_the_network
     two_by_two = dict(dataset_json, channel_names={str(i): "MR" for i in range(4)})
     network = build_network(trainer_of(preset), two_by_two, configuration((16, 32, 32)), 4, 3, "meta")
     assert (network.num_phases, network.channels_per_phase) == (2, 2)
+
+
+def test_the_calibration_patch_halves_the_axis_with_the_most_bottleneck_voxels_down_to_two():
+    """Guards against the calibration patch shrinking the wrong axis or below a bottleneck of 2 voxels, where the
+    per-sample parts of a network weigh more and the calibration factor drifts."""
+    from nnunet_liver_ext.trainer_plans.memory import calibration_patch
+
+    isotropic = dict(strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, kernel_sizes=[[3, 3, 3]] * 6)  # total stride 32
+    assert calibration_patch((128, 128, 128), isotropic) == (64, 64, 64)
+    anisotropic = dict(strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+                       kernel_sizes=[[3, 3, 3]] * 6)  # total stride (8, 32, 32)
+    assert calibration_patch((40, 224, 192), anisotropic) == (16, 96, 96)

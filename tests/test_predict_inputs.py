@@ -387,3 +387,23 @@ def test_continue_prediction_takes_a_case_without_its_case_json_for_unfinished(t
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 case(s) already predicted" in proc.stdout and "input error: case a:" in proc.stderr
     assert "1 of 1 case(s) were not predicted" in proc.stderr
+
+
+def test_continue_prediction_with_probabilities_redoes_a_case_without_its_npz(tmp_path):
+    """Guards against --continue_prediction --save_probabilities skipping a case whose probabilities (.npz) an
+    earlier run without them never wrote."""
+    import argparse
+
+    from nnunet_liver_ext.inference.cli import _cases_to_predict
+
+    images, out = tmp_path / "images", tmp_path / "pred"
+    images.mkdir()
+    out.mkdir()
+    for case in ("b", "c"):
+        good_case(images, case)
+        (out / f"{case}.nii.gz").write_text("an earlier run")
+    (out / "c.npz").write_text("an earlier run")
+    args = argparse.Namespace(i=str(images), o=str(out), num_parts=1, part_id=0, continue_prediction=True,
+                              save_probabilities=True, prev_stage_predictions=None)
+    check, skipped = _cases_to_predict(args, DATASET_JSON, writes_case_json=False)
+    assert skipped == ["c"] and [c.case for c in check.good] == ["b"]

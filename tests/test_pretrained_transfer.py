@@ -315,3 +315,38 @@ def test_a_loader_another_extension_installed_first_still_gets_stock_networks(nn
     with pytest.raises(UserError, match="no such file"):  # ours, not theirs: STD-Net asks for its own rule
         run_training.load_pretrained_weights(make_trainer("nnUNetTrainerSTDNet").network, "missing.pth")
     assert len(calls) == 1
+
+
+def test_a_first_layer_with_phases_as_channels_sums_each_channel_over_the_phases_phase_major():
+    """Guards against summing the wrong channel groups when a stock model trained on r phases x C channels
+    (nnU-Net's phase-major channel order) seeds an encoder of C channels per phase."""
+    from nnunet_liver_ext.networks.transfer import adapt_first_layer
+
+    source = torch.arange(2 * 6, dtype=torch.float32).view(2, 6, 1, 1, 1)  # 3 phases x 2 channels
+    adapted, _ = adapt_first_layer(source, torch.Size((2, 2, 1, 1, 1)))
+    torch.testing.assert_close(adapted[:, 0], source[:, [0, 2, 4]].sum(1))
+    torch.testing.assert_close(adapted[:, 1], source[:, [1, 3, 5]].sum(1))
+
+
+def test_every_wrapper_prefix_of_a_saved_ddp_and_compiled_model_is_stripped():
+    """Guards against keys of a model saved while both DDP- and torch.compile-wrapped (``module._orig_mod.``)
+    keeping a prefix, so that no key matches and nothing is transferred."""
+    from nnunet_liver_ext.networks.transfer import strip_wrapper_prefixes
+
+    t = torch.zeros(1)
+    assert strip_wrapper_prefixes({"module._orig_mod.encoder.w": t, "_orig_mod.module.decoder.b": t,
+                                   "encoder.x": t}) == {"encoder.w": t, "decoder.b": t, "encoder.x": t}
+
+
+def test_weights_that_fit_the_decoder_but_no_encoder_tensor_are_refused():
+    """Guards against a source whose encoder does not fit (other plans) being loaded for its decoder alone: the
+    run would look fine-tuned while its encoder trains from scratch."""
+    from test_std_net import make as make_std_net
+
+    source = {k: v for k, v in make_std_net(num_case_classes=0).state_dict().items()
+              if k.startswith("decoder.") and not k.startswith("decoder.encoder.")}
+    net = make_std_net(num_case_classes=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UserError, match="none of the .* encoder tensors"):
+        net.load_pretrained_state(source, "decoder_only.pth")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -279,3 +279,152 @@ def test_pointwise_conv_is_the_convolution_as_a_matrix_product(conv_op, spatial,
     for bad in (conv_op(4, 1, 3), conv_op(4, 1, 1, stride=2), conv_op(4, 1, 1, padding=1)):
         with pytest.raises(ValueError, match="1x1 convolution"):
             pointwise_conv(bad, x)
+
+
+def _temporal(case_token=False, hybrid_rank=None):
+    torch.manual_seed(0)
+    return TemporalTransformer(4, 3, 8, num_layers=1, num_heads=2, dropout=0.0, hybrid_rank=hybrid_rank,
+                               case_token=case_token).eval()
+
+
+@pytest.mark.parametrize("return_context", [False, True])
+def test_an_untrained_temporal_modeler_leaves_the_encoder_features_intact(return_context):
+    """Guards against T replacing the bottleneck features instead of adding its residual to them."""
+    t = _temporal()
+    features = torch.randn(2, 3, 4, 2, 2)
+    with torch.no_grad():
+        out = t(features, return_context=return_context)
+    torch.testing.assert_close(out[0] if return_context else out, features)
+
+
+def test_voxel_sequences_use_the_phase_rows_of_the_positional_encoding_not_the_cls_row():
+    """Guards against the voxel path reading E_pos row 0 (the [CLS] row) as the first phase's encoding."""
+    t = _temporal()
+    nn.init.normal_(t.proj_out.weight)  # a trained T: its output depends on the positional encodings
+    features = torch.randn(1, 3, 4, 2, 2)
+    with torch.no_grad():
+        before = t(features)
+        t.pos_embed[:, 0] += 3.0  # the [CLS] row: the voxel path must not see it
+        after_cls = t(features)
+        t.pos_embed[:, 1] += 3.0  # the first phase's row
+        after_phase = t(features)
+    torch.testing.assert_close(after_cls, before)
+    assert not torch.allclose(after_phase, before)
+
+
+SMALL3D = (8, 16, 16)
+
+
+def test_the_case_token_is_ts_output_at_the_cls_position():
+    """Guards against the class head reading another position of T's [CLS] sequence (e.g. the last phase token)."""
+    t = _temporal(case_token=True)
+    features = torch.randn(2, 3, 4, 2, 2)
+    with torch.no_grad():
+        tokens = t.proj_in(features.flatten(3).transpose(2, 3))
+        seq = torch.cat((t.cls_token.expand(2, -1, -1) + t.pos_embed[:, :1], t.pool(tokens) + t.pos_embed[:, 1:4]), 1)
+        torch.testing.assert_close(t.case_token(features), t.norm(t.layers[0](seq)[:, 0]))
+
+
+def test_the_convgru_class_path_sees_the_last_phase():
+    """Guards against ablation (d) characterizing from the GRU state after the first phase (blind to the others)."""
+    net = make(temporal="convgru").eval()
+    x = torch.randn(1, 3, *SMALL3D)
+    y = x.clone()
+    y[:, 2] = torch.randn_like(y[:, 2])
+    lesion = torch.zeros(1, 1, *SMALL3D)
+    lesion[..., 2:6, 4:12, 4:12] = 1  # fixed pooling: only the temporal summary can differ
+    with torch.no_grad():
+        assert not torch.allclose(net(x, heads=True, lesion_mask=lesion).cls_logits,
+                                  net(y, heads=True, lesion_mask=lesion).cls_logits)
+
+
+def test_ablation_a_fuses_the_phases_by_their_plain_mean():
+    """Guards against ablation (a) (no temporal modeler) fusing skips by learned attention instead of the mean."""
+    net = make(temporal="mean").eval()
+    assert sum(p.numel() for p in net.phase_fusions.parameters()) == 0
+    skip = torch.randn(1, 3, 8, 4, 4, 4)
+    torch.testing.assert_close(net.phase_fusions[0](skip), skip.mean(1))
+
+
+def test_attention_fusion_weights_sum_to_one_over_the_phases():
+    """Guards against phase-fusion weights normalised over the wrong axis (identical phases must fuse to themselves)."""
+    from nnunet_liver_ext.networks.blocks import PhaseFusion
+    torch.manual_seed(0)
+    fusion = PhaseFusion(nn.Conv3d, 4, 3)
+    with torch.no_grad():
+        fusion.phase_bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    feature = torch.randn(2, 1, 4, 3, 3, 3)
+    torch.testing.assert_close(fusion(feature.expand(-1, 3, -1, -1, -1, -1)), feature[:, 0])
+
+
+def test_channels_per_phase_are_read_phase_major():
+    """Guards against reading nnU-Net's channel order (phase 0's channels first) as channel-major."""
+    torch.manual_seed(0)
+    net = STDNet(4, 3, False, num_case_classes=0, channels_per_phase=2, num_layers=1, num_heads=4,
+                 **plans_kwargs()).eval()
+    x = torch.randn(1, 4, *SMALL3D)
+    with torch.no_grad():
+        skips = net._phase_skips(x)
+        for phase in range(2):
+            torch.testing.assert_close(skips[0][:, phase], net.encoder(x[:, 2 * phase:2 * phase + 2])[0])
+
+
+def test_the_class_loss_does_not_train_the_segmentation_through_the_lesion_prior():
+    """Guards against the network's own lesion probability being used undetached in the case pooling."""
+    net = make()
+    net(torch.randn(1, 3, *SMALL3D), heads=True).cls_logits.sum().backward()
+    grad = net.decoder.seg_layers[-1].weight.grad
+    assert grad is None or not grad.any()
+
+
+def test_an_empty_lesion_mask_gives_finite_class_logits():
+    """Guards against the log prior of a zero lesion probability being -inf everywhere (NaN class output)."""
+    net = make().eval()
+    with torch.no_grad():
+        logits = net(torch.randn(1, 3, *SMALL3D), heads=True, lesion_mask=torch.zeros(1, 1, *SMALL3D)).cls_logits
+    assert torch.isfinite(logits).all()
+
+
+def test_hybrid_cls_token_takes_the_mean_spatial_context_of_the_phases():
+    """Guards against the hybrid fusion of the [CLS] sequence giving [CLS] one phase's context (and every phase
+    token its neighbour's) instead of [CLS] the mean over phases."""
+    t = _temporal(case_token=True, hybrid_rank=4)  # one layer: the fusion follows T's last layer
+    nn.init.normal_(t.hybrid.up.weight)  # the fusion starts as the identity
+    features, context = torch.randn(1, 3, 4, 2, 2), torch.randn(1, 1, 3, 8)
+    swapped = context[:, :, [1, 0, 2]]  # same mean over phases, phase contexts exchanged
+    with torch.no_grad():
+        torch.testing.assert_close(t.case_token(features, hybrid_context=context),
+                                   t.case_token(features, hybrid_context=swapped))
+        assert not torch.allclose(t.case_token(features, hybrid_context=context),
+                                  t.case_token(features, hybrid_context=context + 1.0))
+
+
+def test_a_deeper_temporal_modeler_is_planned_with_more_memory():
+    """Guards against the VRAM estimate counting T's activations once instead of once per layer."""
+    shallow, deep = make(num_layers=1), make(num_layers=4)
+    assert deep.compute_conv_feature_map_size(SMALL3D) > shallow.compute_conv_feature_map_size(SMALL3D)
+
+
+def test_unwrap_network_finds_the_module_behind_torch_compile():
+    """Guards against the trainer's heads, checkpoints and pretrained transfer reaching torch.compile's wrapper
+    (keys prefixed ``_orig_mod.``, no ``transfer_skip_prefixes``) instead of the network."""
+    from nnunet_liver_ext.networks.contract import unwrap_network
+
+    net = make(num_case_classes=0)
+    assert unwrap_network(torch.compile(net)) is net and unwrap_network(net) is net
+
+
+def test_convgru_follows_the_gru_equations_with_its_reset_gate():
+    """Guards against ablation (d)'s recurrence dropping the reset gate (or mixing update and candidate)."""
+    from nnunet_liver_ext.networks.blocks import ConvGRU
+    torch.manual_seed(0)
+    gru = ConvGRU(nn.Conv3d, 2)
+    features = torch.randn(1, 2, 2, 3, 3, 3)
+    with torch.no_grad():
+        hidden = torch.zeros_like(features[:, 0])
+        for n in range(2):
+            x = features[:, n]
+            update, reset = torch.sigmoid(gru.gates(torch.cat((x, hidden), 1))).chunk(2, 1)
+            candidate = torch.tanh(gru.candidate(torch.cat((x, reset * hidden), 1)))
+            hidden = (1 - update) * hidden + update * candidate
+        torch.testing.assert_close(gru(features)[:, -1], hidden)
