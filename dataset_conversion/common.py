@@ -218,14 +218,18 @@ def _unreadable_folder(error: OSError) -> None:
     raise ConversionError(f"cannot read this folder ({error.strerror or error})", None, error.filename)
 
 
+def _walk_files(root: str | os.PathLike, onerror: Callable[[OSError], None] | None = None):
+    """Every non-folder entry under ``root`` as a path string, in ``walk_folders`` order."""
+    for folder, _, files in walk_folders(root, onerror=onerror):
+        for name in files:
+            yield os.path.join(folder, name)
+
+
 def source_files(root: str | os.PathLike) -> list[Path]:
     """Every non-folder entry under ``root`` (symlinked folders followed, see ``walk_folders``), sorted. Dangling
     links are included, so a case file pointing nowhere fails as a missing file instead of vanishing. A folder
     that cannot be read is a ConversionError naming it."""
-    found = []
-    for folder, _, files in walk_folders(root, onerror=_unreadable_folder):
-        found += [Path(folder) / name for name in files]
-    return sorted(found)
+    return sorted(Path(f) for f in _walk_files(root, onerror=_unreadable_folder))
 
 
 def strip_nifti_suffix(name: str) -> str | None:
@@ -592,9 +596,9 @@ class AtomicDataset:
 
         dataset_id = self.options.dataset_id
         # the raw folder's own datasets with this id are --overwrite's to replace (existing_datasets, below)
-        elsewhere = [f"{var} ({os.path.join(folder, other)})" for other, places in
+        elsewhere = [f"{var} ({root / other})" for other, places in
                      other_names_of_id(dataset_id, self.options.name, self.root, include_raw=False).items()
-                     for var, folder in (place.split("=", 1) for place in places)]
+                     for var, root in places]
         if elsewhere:
             free = free_dataset_id(dataset_id, self.root)
             raise FileExistsError(
@@ -672,10 +676,7 @@ def _source_files(path: str) -> list[str]:
     """``path``, or every file under it when it is a folder (a TCGA patient's DICOM tree)."""
     if not os.path.isdir(path):
         return [path]
-    found = []
-    for root, _, files in walk_folders(path):
-        found += [os.path.join(root, name) for name in files]
-    return found
+    return list(_walk_files(path))
 
 
 def source_fingerprint(tasks: Sequence[CaseTask], options: ConversionOptions, converter: str) -> dict:

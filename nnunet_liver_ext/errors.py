@@ -72,25 +72,27 @@ def _is_nnunet_raw(raw_root: Path) -> bool:
         return False
 
 
-def other_names_of_id(dataset_id: int, name: str, raw_root, include_raw: bool = True) -> dict[str, list[str]]:
-    """``{DatasetXXX_Other: [where]}``: datasets of another name than ``name`` with id ``dataset_id``. nnU-Net
-    allows one name per id across its three folders ("More than one dataset name found for dataset id" otherwise):
-    ``raw_root`` is searched (unless ``include_raw`` is False) and, when it is nnU-Net's raw folder ($nnUNet_raw, or
-    that variable is unset), nnUNet_preprocessed and nnUNet_results. A raw folder elsewhere goes with other folder
-    settings (tests, benchmarks), so the variables set here say nothing about it."""
+def other_names_of_id(dataset_id: int, name: str, raw_root,
+                      include_raw: bool = True) -> dict[str, list[tuple[str | None, Path]]]:
+    """``{DatasetXXX_Other: [(variable, folder)]}``: datasets of another name than ``name`` with id ``dataset_id``, and
+    the folders holding them (variable None for ``raw_root``). nnU-Net allows one name per id across its three
+    folders ("More than one dataset name found for dataset id" otherwise): ``raw_root`` is searched (unless
+    ``include_raw`` is False) and, when it is nnU-Net's raw folder ($nnUNet_raw, or that variable is unset),
+    nnUNet_preprocessed and nnUNet_results. A raw folder elsewhere goes with other folder settings (tests,
+    benchmarks), so the variables set here say nothing about it."""
     raw_root = Path(raw_root)
     prefix, mine = f"Dataset{int(dataset_id):03d}_", f"Dataset{int(dataset_id):03d}_{name}"
-    found: dict[str, list[str]] = {}
+    found: dict[str, list[tuple[str | None, Path]]] = {}
     if include_raw and raw_root.is_dir():
         for p in sorted(raw_root.glob(prefix + "*")):
             if p.is_dir() and p.name != mine:
-                found.setdefault(p.name, []).append(str(raw_root))
+                found.setdefault(p.name, []).append((None, raw_root))
     if _is_nnunet_raw(raw_root):
         for other, variables in known_datasets().items():
             if other.startswith(prefix) and other != mine:
                 for var in variables:
                     if var != "nnUNet_raw":  # raw_root, above
-                        found.setdefault(other, []).append(f"{var}={os.environ[var]}")
+                        found.setdefault(other, []).append((var, Path(os.environ[var])))
     return found
 
 

@@ -25,19 +25,19 @@ def stored_voxels(path: str, read_with_sitk=None) -> np.ndarray:
     if path.endswith(NIFTI_ENDINGS):
         import nibabel
 
-        with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        if gzipped or not path.endswith(".gz"):
-            return np.asanyarray(nibabel.load(path).dataobj.get_unscaled())
-        # named .nii.gz but stored uncompressed: SimpleITK (and nnU-Net) read it, nibabel.load would take it for a
-        # broken gzip file
-        with open(path, "rb") as f:
-            try:
-                image = nibabel.Nifti1Image.from_stream(f)
-            except Exception:  # noqa: BLE001 - not NIfTI-1: NIfTI-2, or really damaged (raises again below)
-                f.seek(0)
-                image = nibabel.Nifti2Image.from_stream(f)
-            return np.asanyarray(image.dataobj.get_unscaled())
+        if path.endswith(".gz"):
+            with open(path, "rb") as f:
+                if f.read(2) != b"\x1f\x8b":
+                    # named .nii.gz but stored uncompressed: SimpleITK (and nnU-Net) read it, nibabel.load would take
+                    # it for a broken gzip file
+                    f.seek(0)
+                    try:
+                        image = nibabel.Nifti1Image.from_stream(f)
+                    except Exception:  # noqa: BLE001 - not NIfTI-1: NIfTI-2, or really damaged (raises again below)
+                        f.seek(0)
+                        image = nibabel.Nifti2Image.from_stream(f)
+                    return np.asanyarray(image.dataobj.get_unscaled())
+        return np.asanyarray(nibabel.load(path).dataobj.get_unscaled())
     import SimpleITK as sitk
 
     image = read_with_sitk() if read_with_sitk is not None else sitk.ReadImage(path)

@@ -73,7 +73,7 @@ def _check_shared_data(plans: dict, plans_name: str, configuration: str, folder)
 
     from nnunet_liver_ext.errors import UserError
 
-    ours = PlansManager(plans)
+    mine = PlansManager(plans).get_configuration(configuration).configuration
     identifier = _data_identifier(plans, plans_name, configuration)
     for other_file in sorted(folder.glob("*.json")):
         if other_file.stem == plans_name:
@@ -85,12 +85,10 @@ def _check_shared_data(plans: dict, plans_name: str, configuration: str, folder)
             continue
         if other.data_identifier != identifier:
             continue
-        differ = [k for k in _PREPROCESSING_KEYS
-                  if other.configuration.get(k) != ours.get_configuration(configuration).configuration.get(k)]
+        differ = [k for k in _PREPROCESSING_KEYS if other.configuration.get(k) != mine.get(k)]
         if other_plans.get("transpose_forward") != plans.get("transpose_forward"):
             differ.append("transpose_forward")
         if differ:
-            mine = ours.get_configuration(configuration).configuration
             details = "; ".join(f"{k}: {other.configuration.get(k, other_plans.get(k))} there, "
                                 f"{mine.get(k, plans.get(k))} here" for k in differ)
             raise UserError(f"{plans_name} {configuration} reads the preprocessed data in {folder / identifier}, "
@@ -164,39 +162,36 @@ def _plan(args: argparse.Namespace) -> int:
                             f"{', '.join(plans['configurations'])}; 3d_lowres only where nnU-Net plans a cascade)",
                             f"-c {' '.join(trained)}")
         folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
-        for c in args.c or trained:
-            if c in plans["configurations"]:
-                _check_shared_data(plans, plans_name, c, folder)
+        asked = args.c or trained
+        data = {c: folder / _data_identifier(plans, plans_name, c) for c in {*asked, *trained}}
+        for c in asked:
+            _check_shared_data(plans, plans_name, c, folder)
         if args.preprocess:
-            wanted = [c for c in args.c or trained if _data_identifier(plans, plans_name, c) not in preprocessed]
+            wanted = [c for c in asked if data[c].name not in preprocessed]
             # nnU-Net's preprocessing deletes the data folder first: the folder these plans share with nnU-Net's own
             # (and every other network's) is left alone when complete: a stock training may be reading it
-            reused = [c for c in wanted if _data_identifier(plans, plans_name, c) != f"{plans_name}_{c}"
-                      and _data_folder_complete(folder / _data_identifier(plans, plans_name, c), plans["dataset_name"])]
+            reused = [c for c in wanted
+                      if data[c].name != f"{plans_name}_{c}" and _data_folder_complete(data[c], plans["dataset_name"])]
             for c in reused:
-                print(f"{c} reads the preprocessed data in {folder / _data_identifier(plans, plans_name, c)}, which "
-                      f"nnU-Net's plans share and which is already complete: not preprocessed again")
+                print(f"{c} reads the preprocessed data in {data[c]}, which nnU-Net's plans share and which is already "
+                      f"complete: not preprocessed again")
             configurations = [c for c in wanted if c not in reused]
             if configurations:
                 preprocess_dataset(dataset_id, plans_name, configurations, [args.np] * len(configurations))
-            preprocessed.update(_data_identifier(plans, plans_name, c) for c in wanted)
+            preprocessed.update(data[c].name for c in wanted)
         else:
-            _print_preprocessing_hint(dataset_id, plans, plans_name, trained)
+            _print_preprocessing_hint(dataset_id, plans, plans_name, {c: data[c] for c in trained})
     return 0
 
 
-def _print_preprocessing_hint(dataset_id: int, plans: dict, plans_name: str, configurations: list) -> None:
-    """The nnUNetv2_preprocess command for the configurations whose data folder is not there yet; a network
-    planner's 2d and 3d_fullres read nnU-Net's own preprocessed data, which LiTS-size datasets take long to
-    make again."""
-    from nnunet_liver_ext.errors import env_folder
-
-    folder = env_folder("nnUNet_preprocessed") / plans["dataset_name"]
-    present = [c for c in configurations
-               if _data_folder_complete(folder / _data_identifier(plans, plans_name, c), plans["dataset_name"])]
+def _print_preprocessing_hint(dataset_id: int, plans: dict, plans_name: str, data: dict) -> None:
+    """The nnUNetv2_preprocess command for the configurations (``{configuration: its data folder}``) whose data
+    folder is not complete yet; a network planner's 2d and 3d_fullres read nnU-Net's own preprocessed data, which
+    LiTS-size datasets take long to make again."""
+    configurations = list(data)
+    present = [c for c in configurations if _data_folder_complete(data[c], plans["dataset_name"])]
     for c in present:
-        print(f"{c} reads the preprocessed data in {folder / _data_identifier(plans, plans_name, c)}, which is "
-              f"already there: nothing to preprocess for it")
+        print(f"{c} reads the preprocessed data in {data[c]}, which is already there: nothing to preprocess for it")
     missing = [c for c in configurations if c not in present]
     if missing:
         print(f"Preprocess with: nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c {' '.join(missing)}")

@@ -149,7 +149,9 @@ def check_raw_target(raw_root, dataset_id: int, name: str, overwrite: bool = Fal
     others = other_names_of_id(dataset_id, name, raw_root)
     if others:
         free = free_dataset_id(dataset_id, raw_root)
-        taken = "; ".join(f"{other} (in {', '.join(where)})" for other, where in others.items())
+        places = {other: ", ".join(str(root) if var is None else f"{var}={root}" for var, root in where)
+                  for other, where in others.items()}
+        taken = "; ".join(f"{other} (in {where})" for other, where in places.items())
         raise TargetTaken(f"dataset id {dataset_id} is taken by {taken}; nnU-Net needs one name per id (with two it "
                           f"finds neither: \"More than one dataset name found\")",
                           (f"choose another id (-d {free} is free)" if free else "choose another id")
