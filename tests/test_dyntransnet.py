@@ -329,6 +329,7 @@ def test_trainer_warms_up_linearly_from_the_first_step(nnunet_folders):  # noqa:
     trainer = make_trainer("nnUNetTrainerDynTransNet")
     trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 200  # 5 %: a 10-step warm-up
     assert trainer.warmup_iterations() == 10
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     trainer.on_train_epoch_start()  # the scheduler's rate for epoch 0: 1e-3
     batch = make_batch(trainer)
     lrs = []
@@ -336,6 +337,26 @@ def test_trainer_warms_up_linearly_from_the_first_step(nnunet_folders):  # noqa:
         trainer.train_step(batch)
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
+def test_trainer_logs_the_rate_its_warm_up_epochs_train_with(nnunet_folders):  # noqa: F811
+    """nnU-Net logs and plots the rate set at the epoch's start: during the warm-up that is the epoch's first
+    step's, not the polynomial rate the warm-up scales (which no step of a warm-up epoch trained with)."""
+    trainer = make_trainer("nnUNetTrainerDynTransNet")
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 10  # a 2-step warm-up
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    printed = []
+    trainer.print_to_log_file = lambda *args, **kwargs: printed.append(" ".join(map(str, args)))
+    trainer.on_train_epoch_start()
+    trainer.train_step(make_batch(trainer))
+    assert trainer.logger.get_value("lrs", step=None) == pytest.approx([0.5e-3])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    assert "Warm-up: the learning rate rises linearly from 0.0005 to 0.001 over this epoch" in printed
+    trainer.current_epoch = 1
+    printed.clear()
+    trainer.on_train_epoch_start()  # past the warm-up: the polynomial rate, and no warm-up line
+    assert trainer.logger.get_value("lrs", step=1) == pytest.approx(1e-3 * 0.75 ** 0.9)
+    assert not any(line.startswith("Warm-up") for line in printed)
 
 
 def test_trainer_clips_gradients_at_its_own_norm_on_the_cpu_path(nnunet_folders, monkeypatch):  # noqa: F811

@@ -12,7 +12,7 @@ from nnunet_liver_ext.losses.case_losses import masked_cross_entropy, masked_l1
 from nnunet_liver_ext.training.augmentation import PHASE_SYNCHRONIZED_TRANSFORMS
 from nnunet_liver_ext.training.case_labels import CaseTargets
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer, tumor_label_value
-from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, split_parameters
+from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, PolyLRWithLinearWarmup, split_parameters
 from nnunet_liver_ext.training.schedules import WarmupCosineLRScheduler
 from test_mti_net_trainer import make_batch, make_trainer, nnunet_folders  # noqa: F401
 
@@ -125,6 +125,42 @@ def test_hybrid_optimizer_steps_both_decays_each_group_from_its_own_rate_and_rou
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in optimizer.param_groups]
     with pytest.raises(ValueError, match="does not match"):
         fresh.load_state_dict(torch.optim.SGD(sgd_params, 1.0).state_dict())
+
+
+def _lrs_of_a_run(scheduler, optimizer, epochs, iterations):
+    """Per epoch: the rate at the epoch's start (what nnU-Net logs), then the rate each iteration trains at,
+    stepping as nnU-Net and the DynTransNet trainer do."""
+    lrs = []
+    for epoch in epochs:
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[1]["lr"])
+        for _ in range(iterations):
+            scheduler.begin_iteration()
+            lrs.append(optimizer.param_groups[1]["lr"])
+    return lrs
+
+
+def test_poly_with_linear_warmup_per_iteration_and_the_epoch_start_shows_the_first_rate():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-2},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3}]
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    scheduler = PolyLRWithLinearWarmup(optimizer, max_steps=4, iterations_per_epoch=3, warmup_iterations=5)
+    lrs = _lrs_of_a_run(scheduler, optimizer, range(4), 3)
+    poly = [1e-3 * (1 - e / 4) ** 0.9 for e in range(4)]
+    expected = []
+    for epoch in range(4):
+        rates = [poly[epoch] * min(1.0, (epoch * 3 + i + 1) / 5) for i in range(3)]
+        expected += [rates[0]] + rates  # the epoch's start shows its first iteration's rate
+    assert lrs == pytest.approx(expected)
+    # each group from its own rate: the SGD group is ten times the AdamW one throughout
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(10 * optimizer.param_groups[1]["lr"])
+    # --c: a new scheduler stepped at epoch 1 trains exactly as the uninterrupted run did from there
+    resumed = PolyLRWithLinearWarmup(optimizer, max_steps=4, iterations_per_epoch=3, warmup_iterations=5)
+    assert _lrs_of_a_run(resumed, optimizer, range(1, 4), 3) == pytest.approx(expected[4:])
+    no_warmup = PolyLRWithLinearWarmup(optimizer, max_steps=4, iterations_per_epoch=3, warmup_iterations=0)
+    assert _lrs_of_a_run(no_warmup, optimizer, [2], 2) == pytest.approx([poly[2]] * 3)
+    with pytest.raises(ValueError, match="iterations_per_epoch"):
+        PolyLRWithLinearWarmup(optimizer, max_steps=4, iterations_per_epoch=0, warmup_iterations=5)
 
 
 def test_warmup_cosine_schedule():

@@ -16,7 +16,7 @@ from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import 
 
 from nnunet_liver_ext.networks.dyntransnet import DynTransNet
 from nnunet_liver_ext.training.multitask_trainer import LiverMultiTaskTrainer
-from nnunet_liver_ext.training.optim import PolyLRPerGroup
+from nnunet_liver_ext.training.optim import PolyLRWithLinearWarmup
 from nnunet_liver_ext.training.schedules import register_schedule_variants
 
 
@@ -72,8 +72,6 @@ class nnUNetTrainerDynTransNet(LiverMultiTaskTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.adamw_lr
         self.weight_decay = self.adamw_weight_decay
-        self._iteration_in_epoch = 0
-        self._epoch_lrs = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -82,28 +80,23 @@ class nnUNetTrainerDynTransNet(LiverMultiTaskTrainer):
         self.print_to_log_file(f"Optimizer: AdamW (lr {self.initial_lr}, weight decay {self.weight_decay}, betas "
                                f"{self.adamw_betas}), warm-up over {self.warmup_iterations()} iterations, polynomial "
                                f"decay, gradient clipping at {self.grad_clip_norm}")
-        return optimizer, PolyLRPerGroup(optimizer, self.num_epochs)
+        return optimizer, PolyLRWithLinearWarmup(optimizer, self.num_epochs, self.num_iterations_per_epoch,
+                                                 self.warmup_iterations())
 
     def warmup_iterations(self) -> int:
         return int(round(self.warmup_fraction * self.num_epochs * self.num_iterations_per_epoch))
 
     def on_train_epoch_start(self):
-        super().on_train_epoch_start()  # the scheduler sets this epoch's learning rates
-        self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self._iteration_in_epoch = 0
-
-    def _apply_warmup(self) -> None:
-        step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
-        self._iteration_in_epoch += 1
-        warmup = self.warmup_iterations()
-        if self._epoch_lrs is None or step > warmup:
-            return
-        factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        for group, lr in zip(self.optimizer.param_groups, self._epoch_lrs):
-            group["lr"] = lr * factor
+        super().on_train_epoch_start()  # nnU-Net steps the scheduler and logs the epoch's first learning rate
+        first = self.current_epoch * self.num_iterations_per_epoch
+        if first < self.lr_scheduler.warmup_iterations:
+            # nnU-Net prints the rate rounded to 5 decimals: 0.0 in a long warm-up's first epochs
+            last = first + self.num_iterations_per_epoch - 1
+            self.print_to_log_file(f"Warm-up: the learning rate rises linearly from {self.lr_scheduler.rate(first):.3g}"
+                                   f" to {self.lr_scheduler.rate(last):.3g} over this epoch")
 
     def train_step(self, batch: dict) -> dict:
-        self._apply_warmup()
+        self.lr_scheduler.begin_iteration()
         return super().train_step(batch)
 
 
@@ -125,7 +118,9 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         self.print_to_log_file(f"Optimizer: Adam (lr {self.initial_lr}, constant), Dice loss only (the paper's)")
-        return optimizer, _ConstantLR(optimizer)
+        # the paper's constant rate: no decay (exponent 0), no warm-up
+        return optimizer, PolyLRWithLinearWarmup(optimizer, self.num_epochs, self.num_iterations_per_epoch, 0,
+                                                 exponent=0.0)
 
     def _build_loss(self):
         # Dice only: nnU-Net's own Dice-loss trainer's loss (soft Dice, its deep supervision weights)
@@ -156,16 +151,6 @@ class nnUNetTrainerDynTransNet_paper(nnUNetTrainerDynTransNet):
                                    dice_class=MemoryEfficientSoftDiceLoss)
         return DC_and_CE_loss(dice_kwargs, {}, weight_ce=0, ignore_label=self.label_manager.ignore_label,
                               dice_class=MemoryEfficientSoftDiceLoss)
-
-
-class _ConstantLR:
-    """A scheduler that leaves the learning rate where the optimizer started (stepped like nnU-Net's)."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def step(self, current_step=None):
-        pass
 
 
 class nnUNetTrainerDynTransNet_plainMSA(nnUNetTrainerDynTransNet):

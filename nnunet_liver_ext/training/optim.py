@@ -10,7 +10,7 @@ Keeping SGD on the convolutions keeps the comparison with stock nnU-Net like for
 ``torch.amp.GradScaler`` touch: ``param_groups`` (the groups of both, in order), ``zero_grad``,
 ``step``, ``state_dict`` / ``load_state_dict``. ``PolyLRPerGroup`` is nnU-Net's polynomial decay
 applied to each group's own initial learning rate (nnU-Net's PolyLRScheduler would give every
-group the SGD rate).
+group the SGD rate); ``PolyLRWithLinearWarmup`` adds a linear warm-up per iteration.
 """
 from __future__ import annotations
 
@@ -71,6 +71,51 @@ class PolyLRPerGroup:
         factor = (1 - current_step / self.max_steps) ** self.exponent
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+
+
+class PolyLRWithLinearWarmup(PolyLRPerGroup):
+    """``PolyLRPerGroup`` per epoch times a linear warm-up per iteration: iteration ``i`` (counted
+    from the start of training) trains at ``min(1, (i + 1) / warmup_iterations)`` of the epoch's rate.
+
+    ``step(epoch)`` (nnU-Net's call at the start of every epoch) already sets the rate of the
+    epoch's first iteration, so the learning rate nnU-Net logs and plots for an epoch is one the
+    network trained with; ``begin_iteration()`` (the trainer's, before each training step) sets the
+    current iteration's rate. The position follows from the epoch alone, so ``--c`` needs no state."""
+
+    def __init__(self, optimizer, max_steps: int, iterations_per_epoch: int, warmup_iterations: int,
+                 exponent: float = 0.9):
+        if iterations_per_epoch < 1 or warmup_iterations < 0:
+            raise ValueError(f"need iterations_per_epoch >= 1 and warmup_iterations >= 0, got "
+                             f"{iterations_per_epoch}, {warmup_iterations}")
+        super().__init__(optimizer, max_steps, exponent)
+        self.iterations_per_epoch = iterations_per_epoch
+        self.warmup_iterations = warmup_iterations
+        self._epoch_lrs = None
+        self._iteration = 0
+
+    def warmup_factor(self, iteration: int) -> float:
+        return min(1.0, (iteration + 1) / self.warmup_iterations) if self.warmup_iterations else 1.0
+
+    def rate(self, iteration: int, group: int = 0) -> float:
+        """The learning rate of ``group`` at ``iteration`` of the epoch last stepped."""
+        return self._epoch_lrs[group] * self.warmup_factor(iteration)
+
+    def step(self, current_step: int = None) -> None:
+        epoch = self.ctr if current_step is None or current_step == -1 else current_step
+        super().step(current_step)
+        self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._iteration = epoch * self.iterations_per_epoch
+        self._set(self._iteration)
+
+    def begin_iteration(self) -> None:
+        if self._epoch_lrs is None:  # a step before the first epoch's step(): nothing to warm up from
+            return
+        self._set(self._iteration)
+        self._iteration += 1
+
+    def _set(self, iteration: int) -> None:
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.rate(iteration, index)
 
 
 def split_parameters(network: nn.Module, adaptive_prefixes: Iterable[str]) -> Tuple[list, list]:
