@@ -79,6 +79,7 @@ class SeriesInfo:
     how: str = ""
     study: str = ""  # StudyInstanceUID
     study_date: str = ""
+    mapping_entry: tuple | None = None  # (section: the patient or None for global, key) that decided the phase
 
 
 def _time_seconds(value) -> float | None:
@@ -227,16 +228,29 @@ def load_phase_map(path: str | None) -> dict:
     return mapping
 
 
-def _override(mapping: dict, case_id: str, series: SeriesInfo) -> str | None:
-    for table in (mapping.get(case_id) if isinstance(mapping.get(case_id), dict) else None,
-                  {k: v for k, v in mapping.items() if not isinstance(v, dict)}):
+def _override(mapping: dict, case_id: str, series: SeriesInfo) -> tuple[str, tuple] | None:
+    """(phase, (section, key as the file spells it)) that --phase-map gives ``series``, or None: the patient's
+    own section (``case_id``) first, then the global entries (section None); keys match a SeriesInstanceUID or
+    description ignoring letter case and surrounding spaces."""
+    for section, table in ((case_id, _patient_section(mapping, case_id)), (None, global_phase_map_entries(mapping))):
         if not table:
             continue
-        lowered = {k.strip().lower(): v for k, v in table.items()}
+        lowered = {k.strip().lower(): k for k in table}
         for key in (series.uid, series.description):
             if key and key.strip().lower() in lowered:
-                return lowered[key.strip().lower()]
+                entry = lowered[key.strip().lower()]
+                return table[entry], (section, entry)
     return None
+
+
+def global_phase_map_entries(mapping: dict) -> dict:
+    """The --phase-map entries for every patient (the per-patient sections are the JSON objects)."""
+    return {k: v for k, v in mapping.items() if not isinstance(v, dict)}
+
+
+def _patient_section(mapping: dict, case_id: str) -> dict:
+    section = mapping.get(case_id)
+    return section if isinstance(section, dict) else {}
 
 
 def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed: list[str]
@@ -251,9 +265,15 @@ def assign_phases(series: list[SeriesInfo], case_id: str, mapping: dict, needed:
     for s in images:
         override = _override(mapping, case_id, s)
         if override is not None:
-            s.phase, s.how = (None if override == "ignore" else override), "mapping file"
+            phase, s.mapping_entry = override
+            s.phase, s.how = (None if phase == "ignore" else phase), "mapping file"
         else:
             s.phase, s.how = phase_from_description(s.description), "description"
+    used = {s.mapping_entry for s in images}
+    for entry in _patient_section(mapping, case_id):
+        if (case_id, entry) not in used:
+            notes.append(f"--phase-map entry {entry!r} of this patient's section matches no series used "
+                         f"(descriptions: {sorted({s.description for s in images})}); not used")
     by_phase: dict[str, list[SeriesInfo]] = {}
     for s in images:
         if s.phase:
@@ -450,6 +470,9 @@ def convert_case(task: CaseTask, out_dir: str, options: ConversionOptions):
     result.registration["series"] = {p: {"description": chosen[p].description, "uid": chosen[p].uid,
                                          "identified_by": chosen[p].how, "acquisition_time_s": chosen[p].time_s}
                                      for p in needed}
+    # read across cases after the conversion: a global entry no case used is reported once
+    result.registration["phase_map_entries_used"] = sorted({s.mapping_entry[1] for s in series
+                                                            if s.mapping_entry and s.mapping_entry[0] is None})
     return result
 
 
@@ -544,4 +567,16 @@ def convert(src: str | Path, options: ConversionOptions) -> Path:
     tasks = discover(src, options)
     make_json = multiphase_dataset_json(options.name, "CT", tasks[0].extra["phases"], options,
                                         "TCGA-LIHC multiphase CT, converted by nnunet-liver convert tcga-lihc")
-    return run_conversion("tcga-lihc", tasks, convert_case, options, make_json)
+    entries = global_phase_map_entries(tasks[0].extra["phase_map"])
+
+    def check_entries_then_make_json(results):
+        used = {e for r in results for e in (r.registration or {}).get("phase_map_entries_used", [])}
+        unused = [e for e in entries if e not in used]
+        if unused:
+            warnings.warn(f"file {options.phase_map}: global entr{'y' if len(unused) == 1 else 'ies'} "
+                          f"{', '.join(map(repr, unused))} matched no series of the converted cases "
+                          f"(compared with each SeriesDescription and SeriesInstanceUID, ignoring letter case and "
+                          f"surrounding spaces) and decided nothing", stacklevel=2)
+        return make_json(results)
+
+    return run_conversion("tcga-lihc", tasks, convert_case, options, check_entries_then_make_json)

@@ -181,3 +181,31 @@ def test_a_phase_map_section_for_a_patient_in_another_letter_case_is_an_error(tm
     mapping.write_text(json.dumps({"TCGA-PH-0099": {"AP 5mm": "arterial"}}))  # a patient not downloaded
     with pytest.warns(UserWarning, match="'TCGA-PH-0099' name no patient folder"):
         assert [t.case_id for t in tcga_lihc.discover(src, options)] == ["TCGA-PH-0000"]
+
+
+def test_phase_map_entries_that_decide_nothing_are_reported(tmp_path):
+    """A misspelt --phase-map key matches no series and the series keeps the phase its description suggests:
+    a global entry no converted case used is a warning after the conversion, a patient's entry that matches
+    none of its series a note in that case's report; entries that did decide are recorded per case."""
+    phantom = pytest.importorskip("nnunet_liver_ext.phantom")
+    from nnunet_liver_ext.dataset_conversion import tcga_lihc
+
+    config = phantom.PhantomConfig(modality="CT", shape=(12, 48, 48), n_lesions_range=(1, 1))
+    src = phantom.write_tcga_dicom(tmp_path / "tcga", phantom.generate_cases(1, config, 23, progress=False))
+    truth = json.loads((src / "phantom_truth.json").read_text())["TCGA-PH-0000"]["series_description"]
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({f"  {truth['arterial'].upper()} ": "arterial", "ARTERAIL 5mm": "arterial",
+                                   "TCGA-PH-0000": {"PV thin": "portal_venous", truth["delayed"]: "ignore"}}))
+    options = ConversionOptions(str(tmp_path / "raw"), 78, "T", phase_map=str(mapping), progress=False,
+                                phase_subset=("arterial", "portal_venous"))
+    with pytest.warns(UserWarning) as caught:
+        out = tcga_lihc.convert(src, options)
+    messages = [str(w.message) for w in caught if "global entr" in str(w.message)]
+    assert len(messages) == 1 and "global entry 'ARTERAIL 5mm' matched no series of the converted cases" \
+        in messages[0] and str(mapping) in messages[0], messages
+    case = json.loads((out / "conversion_report.json").read_text())["cases"][0]
+    assert case["registration"]["phase_map_entries_used"] == [f"  {truth['arterial'].upper()} "]
+    assert case["registration"]["series"]["arterial"]["identified_by"] == "mapping file"
+    assert [w for w in case["warnings"] if "--phase-map entry" in w] == [
+        f"--phase-map entry 'PV thin' of this patient's section matches no series used (descriptions: "
+        f"{sorted(truth.values())}); not used"]
