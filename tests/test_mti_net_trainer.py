@@ -160,6 +160,27 @@ def test_generator_step_leaves_the_discriminator_and_discriminator_step_the_gene
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in result.values())
 
 
+@pytest.mark.parametrize("scaler", [False, True], ids=["no-scaler", "grad-scaler"])
+def test_generator_step_clips_at_the_trainers_norm_without_the_discriminator(nnunet_folders, monkeypatch, scaler):
+    """The generator's update is the shared one (clipping at ``grad_clip_norm``, not a fixed 12), with the
+    discriminator's gradients dropped before the norm is taken."""
+    trainer = make_trainer("nnUNetTrainerMTINet")
+    trainer.grad_clip_norm = 3.0
+    if scaler:
+        trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    _, discriminator = split(trainer.network)
+    clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        seen.append((max_norm, sum(p.grad is not None for p in discriminator.values())))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer.train_step(make_batch(trainer))
+    assert seen == [(3.0, 0)]
+
+
 def test_a_non_finite_step_under_the_grad_scaler_leaves_generator_and_discriminator_alone(nnunet_folders):
     """nnU-Net's grad scaler skips the generator's non-finite step; the discriminator's step, which has no
     scaler, is not taken on those pairs."""

@@ -178,25 +178,13 @@ class nnUNetTrainerMTINet(LiverMultiTaskTrainer):
         return result
 
     def _generator_update(self, loss: torch.Tensor, discriminator) -> None:
-        """nnU-Net's update (grad scaler on CUDA, clipping at 12) of everything but the discriminator:
-        its gradients are dropped, so its Adam (inside the HybridOptimizer) skips it."""
+        """nnU-Net's update (the shared ``_backward_and_step``) of everything but the discriminator: its
+        gradients are dropped before clipping, so its Adam (inside the HybridOptimizer) skips it."""
         def drop_discriminator_gradients():
-            if discriminator is not None:
-                for p in discriminator.parameters():
-                    p.grad = None
+            for p in discriminator.parameters():
+                p.grad = None
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            drop_discriminator_gradients()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            drop_discriminator_gradients()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self._backward_and_step(loss, drop_discriminator_gradients if discriminator is not None else None)
 
     def _discriminator_update(self, discriminator, pairs: Dict[str, torch.Tensor]):
         """One step of the discriminator alone on real pairs and the generator step's detached predictions.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -318,16 +318,21 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             terms[name] = self.aux_loss_weights[name] * value.float()
         return terms
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update: grad scaler on CUDA, gradient clipping at ``grad_clip_norm``."""
+    def _backward_and_step(self, loss: torch.Tensor, after_backward: Optional[Callable[[], None]] = None) -> None:
+        """nnU-Net's update: grad scaler on CUDA, gradient clipping at ``grad_clip_norm``. ``after_backward``
+        runs between the backward pass and clipping (MTI-Net drops its discriminator's gradients there)."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            if after_backward is not None:
+                after_backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.optimizer.step()
 
