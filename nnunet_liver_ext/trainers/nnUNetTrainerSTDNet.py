@@ -45,7 +45,11 @@ class nnUNetTrainerSTDNet(LiverMultiTaskTrainer):
 
 
 class nnUNetTrainerSTDNet_noTemporal(nnUNetTrainerSTDNet):
-    """STD-Net ablation (a): no temporal modeler, phases fused by their mean."""
+    """STD-Net ablation (a): no temporal modeler, phases fused by their mean.
+
+    The mean replaces the fusion everywhere: at the bottleneck and at every skip, where the full network
+    fuses phases with a learned voxel-wise attention (ours, not the paper's). The difference to
+    ``nnUNetTrainerSTDNet`` measures the Transformer and that attention together."""
 
     network_kwargs = {"temporal": "mean"}
 
