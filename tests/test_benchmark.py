@@ -347,6 +347,28 @@ def test_a_fold_listed_twice_is_refused():
         collect_benchmark("Dataset999_Any", "3d_fullres", ["nnUNetTrainer"], folds=[0, 1, 0])
 
 
+@pytest.mark.parametrize("overlap", ["two folds", "one fold"])
+def test_a_case_in_two_validation_sets_is_refused(nnunet_env, overlap):
+    """A hand-edited splits_final.json: the case would count twice in the pooled mean, SD and interval (n=16 of
+    15 cases) and the paired test would keep one of its copies."""
+    from nnunet_liver_ext.evaluation.benchmark import collect_benchmark
+
+    splits_file = nnunet_env["pre"] / "splits_final.json"
+    original = splits_file.read_text()
+    splits = json.loads(original)
+    case = splits[0]["val"][0]
+    splits[1 if overlap == "two folds" else 0]["val"].append(case)
+    splits_file.write_text(json.dumps(splits))
+    expected = (f"case {case} is in the validation sets of folds 0 and 1" if overlap == "two folds" else
+                f"case {case} is listed twice in fold 0's validation set")
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"{expected} ({splits_file}): the pooled statistics")):
+            collect_benchmark(DATASET, CONFIG, list(TRAINERS))
+        collect_benchmark(DATASET, CONFIG, list(TRAINERS), folds=(2, 3))  # folds without the case are fine
+    finally:
+        splits_file.write_text(original)
+
+
 def test_the_bootstrap_ci_is_95_percent_and_a_pair_undefined_for_the_baseline_is_left_out():
     """Guards against a 90 % interval reported as the 95 % one, and against pairs whose baseline value is NaN
     entering the Wilcoxon test (n_pairs, median difference and p would count an undefined case)."""

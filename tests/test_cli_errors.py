@@ -374,11 +374,13 @@ def test_evaluate_single_folder_does_not_claim_folds(bench):
     ("truncated", "the voxel data are damaged, the file is truncated or corrupt"),
     ("flipped", "direction of"),
     ("shifted", "origin of"),
+    ("label 3", "contains label values [3] outside LiTS' labels (0 background, 1 liver, 2 tumor), assumed without a "
+                "dataset.json: give yours with --dataset-json"),
 ])
 def test_evaluate_refuses_a_damaged_or_misaligned_prediction_naming_it(bench, capsys, damage, message):
     """A killed export leaves a truncated .nii.gz that SimpleITK reads as zeros from the cut on; a segmentation on
-    another grid (flipped or shifted against the reference) matches voxel by voxel only by accident. Both used to
-    be scored."""
+    another grid (flipped or shifted against the reference) matches voxel by voxel only by accident; a label value
+    the labels lack counts as background. All used to be scored."""
     gt = bench / "pre" / "Dataset601_Bench" / "gt_segmentations"
     # case_b: a label map of some size, so that a cut-off copy still has its header
     noise = np.random.default_rng(0).integers(0, 3, (20, 64, 64)).astype(np.uint8)
@@ -388,6 +390,10 @@ def test_evaluate_refuses_a_damaged_or_misaligned_prediction_naming_it(bench, ca
     target = pred / "case_b.nii.gz"
     if damage == "truncated":
         target.write_bytes(target.read_bytes()[: int(target.stat().st_size * 0.6)])
+    elif damage == "label 3":  # e.g. an ignore label: without a dataset.json it was scored as background
+        image = sitk.ReadImage(str(target))
+        image[0, 0, 0] = 3
+        sitk.WriteImage(image, str(target))
         assert sitk.GetArrayFromImage(sitk.ReadImage(str(target))).shape == noise.shape  # SimpleITK reads it
     else:
         image = sitk.ReadImage(str(target))

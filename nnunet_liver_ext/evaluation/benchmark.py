@@ -46,6 +46,7 @@ class EvaluationSettings:
     size_strata_mm: tuple[float, ...] = lesion_metrics.DEFAULT_SIZE_STRATA_MM
     surface_dice_tolerances_mm: tuple[float, ...] = (2.0,)
     allowed_labels: tuple[int, ...] | None = None  # values a label map may contain; None: unchecked
+    labels_assumed: bool = False  # no dataset.json labels: LiTS' are assumed (and enforced)
     # nnU-Net's ignore label: voxels the reference leaves unannotated count for no metric (as in nnU-Net's own
     # evaluation), so a prediction there is neither right nor wrong
     ignore_label: int | None = None
@@ -166,8 +167,10 @@ def compute_case(job: CaseJob, settings: EvaluationSettings) -> dict:
         for name, arr in ((job.pred_path, pred), (job.gt_path, gt)):
             bad = sorted(set(np.unique(arr).tolist()) - set(settings.allowed_labels))
             if bad:
-                raise ValueError(f"case {job.case}: {name} contains label values {bad} outside the dataset's "
-                                 f"labels {list(settings.allowed_labels)}")
+                whose = ("LiTS' labels (0 background, 1 liver, 2 tumor), assumed without a dataset.json: give yours "
+                         "with --dataset-json") if settings.labels_assumed else \
+                    f"the dataset's labels {list(settings.allowed_labels)}"
+                raise ValueError(f"case {job.case}: {name} contains label values {bad} outside {whose}")
     row: dict = dict(trainer=job.trainer, fold=job.fold if job.fold is not None else "", case=job.case,
                      spacing_zyx="x".join(f"{s:g}" for s in gt_spacing))
     unannotated = None
@@ -234,12 +237,13 @@ def settings_from_dataset_json(dataset_json: dict, connectivity: int = lesion_me
         allowed = tuple(sorted({int(v) for val in labels.values()
                                 for v in (val if isinstance(val, (list, tuple)) else [val])}))
     else:
-        tumor_labels = (2,)
+        # LiTS' labels: a value outside them (an ignore label, a third class) would otherwise score as background
+        tumor_labels, allowed = (2,), (0, 1, 2)
     lesion_metrics.stratum_labels(size_strata_mm)  # validates
     return EvaluationSettings(regions=tuple(regions), tumor_labels=tumor_labels, connectivity=int(connectivity),
                               size_strata_mm=tuple(float(s) for s in size_strata_mm),
                               surface_dice_tolerances_mm=tuple(float(t) for t in surface_dice_tolerances_mm),
-                              allowed_labels=allowed, ignore_label=ignore_label(labels))
+                              allowed_labels=allowed, labels_assumed=not labels, ignore_label=ignore_label(labels))
 
 
 def _truth_for(case: str, dataset_json: dict) -> CaseTruth:
@@ -344,6 +348,21 @@ def _check_trainers_found(results: Path, dataset_name: str, configuration: str, 
                         f"{configuration}; trained: {', '.join(trained_names) or 'none'})", "; ".join(hints))
 
 
+def _check_validation_sets_disjoint(splits: list, folds: Sequence[int], splits_file: Path) -> None:
+    """The pooled statistics count each case once: a case in two validation sets (a hand-edited
+    splits_final.json; nnU-Net's own splits never overlap) would count twice, and the paired test would
+    keep only one of its copies."""
+    fold_of: dict[str, int] = {}
+    for fold in folds:
+        for case in splits[fold]["val"]:
+            if case in fold_of:
+                where = f"listed twice in fold {fold}'s validation set" if fold_of[case] == fold else \
+                    f"in the validation sets of folds {fold_of[case]} and {fold}"
+                raise ValueError(f"case {case} is {where} ({splits_file}): the pooled statistics would count it "
+                                 f"twice (give each case to one fold, as nnU-Net's splits do)")
+            fold_of[case] = fold
+
+
 def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str], plans: str = "nnUNetPlans",
                       folds: Sequence[int] = (0, 1, 2, 3, 4), baseline: str | None = None,
                       connectivity: int = lesion_metrics.DEFAULT_CONNECTIVITY,
@@ -374,6 +393,7 @@ def collect_benchmark(dataset: str, configuration: str, trainers: Sequence[str],
     for f in folds:
         if not 0 <= f < len(splits):
             raise ValueError(f"fold {f} does not exist: {splits_file} has {len(splits)} splits")
+    _check_validation_sets_disjoint(splits, folds, splits_file)
     gt_dir = preprocessed / "gt_segmentations"
     if not gt_dir.is_dir():
         raise ValueError(f"ground-truth folder {gt_dir} not found (nnUNetv2_plan_and_preprocess writes it)")
