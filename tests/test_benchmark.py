@@ -179,6 +179,8 @@ def test_benchmark_writes_csv_report_and_plots(benchmark_run, nnunet_tree):
     assert "nnUNetTrainer: not available" in report
     assert "liver (region {1,2}" in report and "liver label 1 only (nnU-Net" in report
     assert re.search(r"p=(0\.\d{4}|<0\.0001) \(n=9\)", report)
+    # metrics equal for both trainers on some cases: the test ranks fewer pairs than n, and the cell says so
+    assert re.search(r"p=1\.0000 \(n=9, 0 differ\)", report) and re.search(r"\(n=9, 1 differs\)", report)
     assert "Empty-mask policy" in report and "Confusion matrix, nnUNetTrainerSTDNet" in report
     assert "MAE overall" in report and "fold 4" in report
 
@@ -298,6 +300,11 @@ def test_report_statistics_match_scipy_and_are_reproducible():
     w_tied = report.paired_wilcoxon(dict(tied, extra=0.3), dict(zip(cases, np.round(base, 1))))
     assert w_tied["n_pairs"] == 11 and w_tied["method"] == "normal approximation"
     assert report.paired_wilcoxon({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0})["p"] == 1.0
+    # equal pairs (tumor-free for both trainers) are counted, but the test ranks only the pairs that differ
+    equal = dict(zip(cases, other), **{f"free{i}": 1.0 for i in range(5)})
+    w_equal = report.paired_wilcoxon(equal, dict(zip(cases, base), **{f"free{i}": 1.0 for i in range(5)}))
+    assert (w_equal["n_pairs"], w_equal["n_differing"]) == (17, 12)
+    assert w_equal["p"] == pytest.approx(wilcoxon(other, base, method="approx").pvalue)
 
     values = rng.normal(0.8, 0.05, 30)
     lo, hi = report.bootstrap_ci(values)

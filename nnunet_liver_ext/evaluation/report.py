@@ -72,7 +72,8 @@ def describe(values) -> dict:
 
 
 def paired_wilcoxon(values_by_case: dict[str, float], baseline_by_case: dict[str, float]) -> dict:
-    """Two-sided Wilcoxon signed-rank test paired by case (finite pairs only)."""
+    """Two-sided Wilcoxon signed-rank test paired by case (finite pairs only). ``n_pairs`` counts the pairs,
+    ``n_differing`` those the test ranks (scipy's default drops equal pairs: e.g. cases tumor-free for both)."""
     from scipy.stats import wilcoxon
 
     cases = [c for c in values_by_case if c in baseline_by_case]
@@ -80,7 +81,8 @@ def paired_wilcoxon(values_by_case: dict[str, float], baseline_by_case: dict[str
     y = np.array([baseline_by_case[c] for c in cases], dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    out = dict(n_pairs=int(x.size), median_difference=float(np.median(x - y)) if x.size else math.nan)
+    out = dict(n_pairs=int(x.size), n_differing=int(np.count_nonzero(x != y)),
+               median_difference=float(np.median(x - y)) if x.size else math.nan)
     if x.size == 0:
         out["p"] = math.nan
     elif np.all(x == y):
@@ -362,7 +364,9 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
         f"- Statistics: mean ± sd (ddof 1) [95 % percentile-bootstrap CI of the mean, {N_BOOTSTRAP} resamples, "
         f"seed {BOOTSTRAP_SEED}] (n cases, NaN = undefined under the empty-mask policy, excluded). "
         "p: two-sided Wilcoxon signed-rank test against the baseline, paired by case (exact without zero "
-        "differences or ties and n <= 50, else tie-corrected normal approximation).",
+        "differences or ties and n <= 50, else tie-corrected normal approximation); pairs with equal values "
+        "(e.g. cases tumor-free for both) are dropped from the ranks, and the cell says how many differ when "
+        "that is fewer than n.",
         "",
         "### Empty-mask policy",
         "",
@@ -388,7 +392,9 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
             for t in others:
                 if baseline:
                     w = reg[metric][t]["vs_baseline"]
-                    row.append(f"{_f(w['median_difference'], 3)}, p={_p(w['p'])} (n={w['n_pairs']})")
+                    k = w["n_differing"]
+                    differing = "" if k == w["n_pairs"] else f", {k} differ{'s' if k == 1 else ''}"
+                    row.append(f"{_f(w['median_difference'], 3)}, p={_p(w['p'])} (n={w['n_pairs']}{differing})")
             table.append(row)
         md += _table(header, table)
         md.append("Cases by mask status: " + "; ".join(
