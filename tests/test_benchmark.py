@@ -409,3 +409,27 @@ def test_collection_adds_a_baseline_not_listed_and_lists_predictions_of_cases_ou
     assert inputs.trainers == ["nnUNetTrainer", "nnUNetTrainerSTDNet"] and inputs.baseline == "nnUNetTrainer"
     assert {j.trainer for j in inputs.jobs} == {"nnUNetTrainer", "nnUNetTrainerSTDNet"}
     assert inputs.completeness.unexpected_files == {"nnUNetTrainerSTDNet": [(0, "not_in_split")]}
+
+
+def test_lesion_size_plot_marks_a_stratum_without_lesions_instead_of_drawing_a_zero(tmp_path):
+    """An empty stratum (NaN in the report) and one whose lesions were all missed (0) used to look the same."""
+    from nnunet_liver_ext.evaluation import plots
+
+    nan = float("nan")
+    by_size = {"< 10 mm": {"n_lesions": 0, "recall": nan, "lesion_dice": {"mean": nan, "sd": nan}},
+               "10-20 mm": {"n_lesions": 2, "recall": 0.0, "lesion_dice": {"mean": 0.0, "sd": 0.0}},
+               "> 20 mm": {"n_lesions": 1, "recall": 1.0, "lesion_dice": {"mean": 0.8, "sd": nan}}}
+    strata = list(by_size)
+    assert plots.size_stratum_bars(by_size, strata) == ([0.0, 0.0, 0.8], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0],
+                                                        [True, False, False])
+    texts = []
+    real_text = plots._pyplot().Axes.text
+
+    def spy(ax, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return real_text(ax, x, y, s, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots._pyplot().Axes, "text", spy)
+        assert plots.lesion_dice_by_size({"lesions": {"A": {"by_size": by_size}}}, tmp_path / "p.png").is_file()
+    assert texts == ["no lesions", "no lesions"]  # one mark in each panel

@@ -71,6 +71,18 @@ def violin_per_region(rows: Sequence[dict], trainers: Sequence[str], regions, me
     return path
 
 
+def size_stratum_bars(by_size: dict, strata: Sequence[str]) -> tuple[list, list, list, list]:
+    """(Dice means, Dice sds, recalls, empty) per stratum for the bars. A stratum without reference lesions has
+    no Dice and no recall: its bars have height 0 and it is marked "no lesions" (a bar at the metric's 0 would
+    read as "all missed"); an sd undefined for one lesion is drawn as none."""
+    empty = [by_size[s]["n_lesions"] == 0 for s in strata]
+    mean = [0.0 if e else by_size[s]["lesion_dice"]["mean"] for e, s in zip(empty, strata)]
+    sd = [by_size[s]["lesion_dice"]["sd"] if not e and math.isfinite(by_size[s]["lesion_dice"]["sd"]) else 0.0
+          for e, s in zip(empty, strata)]
+    recall = [0.0 if e else by_size[s]["recall"] for e, s in zip(empty, strata)]
+    return mean, sd, recall, empty
+
+
 def lesion_dice_by_size(summary: dict, path: Path) -> Path | None:
     """Grouped bars: mean lesion Dice (with sd) and detection recall per size stratum and trainer."""
     lesions = summary.get("lesions") or {}
@@ -86,13 +98,14 @@ def lesion_dice_by_size(summary: dict, path: Path) -> Path | None:
     x = np.arange(len(strata))
     for i, t in enumerate(trainers):
         by = lesions[t]["by_size"]
-        mean = [by[s]["lesion_dice"]["mean"] for s in strata]
-        sd = [by[s]["lesion_dice"]["sd"] if math.isfinite(by[s]["lesion_dice"]["sd"]) else 0.0 for s in strata]
-        recall = [by[s]["recall"] for s in strata]
+        mean, sd, recall, empty = size_stratum_bars(by, strata)
         offs = x - 0.4 + width * (i + 0.5)
         label = f"{t} ({sum(by[s]['n_lesions'] for s in strata)} lesions)"
-        ax_dice.bar(offs, np.nan_to_num(mean), width, yerr=sd, capsize=3, label=label)
-        ax_rec.bar(offs, np.nan_to_num(recall), width, label=label)
+        ax_dice.bar(offs, mean, width, yerr=sd, capsize=3, label=label)
+        ax_rec.bar(offs, recall, width, label=label)
+        for ax in (ax_dice, ax_rec):
+            for position in offs[np.array(empty, dtype=bool)]:
+                ax.text(position, 0.02, "no lesions", rotation=90, ha="center", va="bottom", fontsize=7)
     for ax, ylabel in ((ax_dice, "lesion Dice (mean ± sd)"), (ax_rec, "detection recall (IoU > 0.5)")):
         ax.set_xticks(x)
         ax.set_xticklabels(strata)
@@ -146,7 +159,7 @@ def enhancement_curves(trainer: str, rows: Sequence[dict], phases: Sequence[str]
     fig, (ax_c, ax_s) = plt.subplots(1, 2, figsize=(10, 4.2))
     x = np.arange(len(phases))
     for data, label, style in ((true, "true", "-o"), (pred, "predicted", "--s")):
-        mean, sd = data.mean(0), data.std(0)
+        mean, sd = data.mean(0), (data.std(0, ddof=1) if len(data) > 1 else np.zeros(data.shape[1]))  # the report's sd
         ax_c.plot(x, mean, style, label=f"{label} (mean ± sd)")
         ax_c.fill_between(x, mean - sd, mean + sd, alpha=0.2)
     ax_c.set_xticks(x)
