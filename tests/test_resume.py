@@ -317,3 +317,49 @@ def test_on_train_start_puts_the_generators_back_after_nnunets_warm_up_draws(nnu
     np.testing.assert_array_equal(drawn[0], expected[0])
     assert drawn[1] == expected[1] and torch.equal(drawn[2], expected[2])
 
+
+
+def _finish_epoch_as_nnunet_does(trainer, mean_fg_dice: float) -> None:
+    """nnU-Net's own on_epoch_end after an epoch whose validation gave ``mean_fg_dice`` (the EMA follows)."""
+    epoch = trainer.current_epoch
+    for key, value in (("epoch_start_timestamps", 0.0), ("lrs", 0.01), ("train_losses", -0.5), ("val_losses", -0.5),
+                       ("dice_per_class_or_region", [mean_fg_dice]), ("mean_fg_dice", mean_fg_dice)):
+        trainer.logger.log(key, value, epoch)
+    trainer.on_epoch_end()
+
+
+def test_a_continued_run_keeps_the_best_checkpoint_of_the_epochs_before(nnunet_folders, tmp_path):  # noqa: F811
+    """nnU-Net writes checkpoint_latest.pth before it compares the epoch's EMA pseudo Dice with the best, so the
+    checkpoint held the best of the epochs before that one (None after epoch 0): continued with --c, the next
+    epoch, though worse, was 'Yayy! New best' and replaced checkpoint_best.pth."""
+    import os
+
+    trainer = make_trainer("nnUNetTrainerSTDNet")
+    trainer.save_every = 1
+    _finish_epoch_as_nnunet_does(trainer, 0.6)  # the best epoch
+    best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+    latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    assert torch.load(best, map_location="cpu", weights_only=False)["current_epoch"] == 1
+    assert torch.load(latest, map_location="cpu", weights_only=False)["_best_ema"] == pytest.approx(0.6)
+
+    resumed = make_trainer("nnUNetTrainerSTDNet", continue_training=True)
+    resumed.save_every = 1
+    resumed.load_checkpoint(latest)
+    assert resumed.current_epoch == 1 and resumed._best_ema == pytest.approx(0.6)
+    _finish_epoch_as_nnunet_does(resumed, 0.3)  # EMA 0.57: worse
+    assert torch.load(best, map_location="cpu", weights_only=False)["current_epoch"] == 1
+    assert torch.load(latest, map_location="cpu", weights_only=False)["_best_ema"] == pytest.approx(0.6)
+
+
+def test_continuing_another_trainers_checkpoint_is_logged(nnunet_folders, tmp_path, capsys):  # noqa: F811
+    """nnU-Net loads any checkpoint whose weights fit: DynTransNet's AdamW state continued as _paper turns its
+    Adam into AdamW at the main trainer's rates without a word."""
+    path = tmp_path / "checkpoint_latest.pth"
+    make_trainer("nnUNetTrainerDynTransNet").save_checkpoint(str(path))
+    other = make_trainer("nnUNetTrainerDynTransNet_paper", continue_training=True)
+    other.load_checkpoint(str(path))
+    out = capsys.readouterr().out
+    assert "WARNING: this checkpoint was written by nnUNetTrainerDynTransNet, and continues as " \
+           "nnUNetTrainerDynTransNet_paper" in out and "Continue with -tr nnUNetTrainerDynTransNet" in out
+    make_trainer("nnUNetTrainerDynTransNet", continue_training=True).load_checkpoint(str(path))
+    assert "WARNING" not in capsys.readouterr().out

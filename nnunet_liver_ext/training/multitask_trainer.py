@@ -42,8 +42,8 @@ from nnunet_liver_ext.training.case_labels import CaseTargets
 from nnunet_liver_ext.training.optim import HybridOptimizer, PolyLRPerGroup, split_parameters
 from nnunet_liver_ext.training.plans import PLANS_KEY, liver_ext_block, resolved_arch_kwargs
 from nnunet_liver_ext.training.pretrained import install as install_pretrained_weights_loader
-from nnunet_liver_ext.training.resume import (RESUME_STATE_KEY, capture_random_state, nnunet_checkpoint,
-                                              read_resume_state, restore_random_state)
+from nnunet_liver_ext.training.resume import (RESUME_STATE_KEY, best_ema_after_this_epoch, capture_random_state,
+                                              nnunet_checkpoint, read_checkpoint_lazily, restore_random_state)
 
 
 # nnUNetv2_train -pretrained_weights: our networks take single-phase weights under networks.transfer's rule
@@ -436,6 +436,7 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
             super().save_checkpoint(filename)  # nnU-Net's "no checkpoint written" message
             return
         checkpoint = nnunet_checkpoint(self)
+        checkpoint["_best_ema"] = best_ema_after_this_epoch(self)
         checkpoint[RESUME_STATE_KEY] = {"random": capture_random_state(self.device)}
         torch.save(checkpoint, filename)
 
@@ -464,8 +465,17 @@ class LiverMultiTaskTrainer(nnUNetTrainer):
                             "resume with the trainer, plans and configuration that wrote it, or start without --c"
                             ) from e
         self._resume_random_state = None
-        state = read_resume_state(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) \
-            else filename_or_checkpoint.get(RESUME_STATE_KEY)
+        checkpoint = read_checkpoint_lazily(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) \
+            else filename_or_checkpoint
+        writer = checkpoint.get("trainer_name")
+        if writer is not None and writer != type(self).__name__:
+            # nnU-Net loads any checkpoint whose weights fit; the optimizer state (learning rates, betas, weight
+            # decay, which of Adam / AdamW) and with it the schedule's rates are the writer's
+            message = (f"WARNING: this checkpoint was written by {writer}, and continues as {type(self).__name__}: "
+                       f"the weights fit, but the optimizer's settings and learning rates are {writer}'s. Continue "
+                       f"with -tr {writer}, or start {type(self).__name__} without --c.")
+            self.print_to_log_file(message)  # printed too
+        state = checkpoint.get(RESUME_STATE_KEY)
         if state is None or "random" not in state:
             self.print_to_log_file("Resuming: the checkpoint has no random state (written by nnU-Net's own trainer "
                                    "or an older version of this package); dropout and sampling draw afresh.")

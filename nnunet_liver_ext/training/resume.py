@@ -68,11 +68,26 @@ def nnunet_checkpoint(trainer) -> dict:
     }
 
 
-def read_resume_state(filename: str) -> Optional[dict]:
-    """This package's entry of a checkpoint file, or None (a checkpoint nnU-Net's own trainer wrote, or one
-    written before the entry existed). Memory-mapped: the network weights are not read a second time."""
+def read_checkpoint_lazily(filename: str) -> dict:
+    """A checkpoint file's entries, memory-mapped: the network weights are not read a second time after
+    nnU-Net's own loading. An empty dict for a file that holds no dict."""
     try:
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # a checkpoint in torch's legacy (non-zip) format cannot be memory-mapped
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-    return checkpoint.get(RESUME_STATE_KEY) if isinstance(checkpoint, dict) else None
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def best_ema_after_this_epoch(trainer) -> Optional[float]:
+    """The best EMA pseudo Dice as it stands once the current epoch has been compared with it.
+
+    nnU-Net's ``on_epoch_end`` writes checkpoint_latest.pth before that comparison, so its ``_best_ema``
+    misses the epoch just finished: a run continued from it compares its next epoch with a stale best (None
+    after the first epoch) and can replace a better checkpoint_best.pth. Stored instead of nnU-Net's value,
+    the continued run compares as the uninterrupted one does. Outside ``on_epoch_end`` (the final
+    checkpoint, the current epoch already counted on) the trainer's value is returned as it is."""
+    emas = trainer.logger.get_value("ema_fg_dice", step=None)
+    if len(emas) != trainer.current_epoch + 1:
+        return trainer._best_ema
+    current = emas[-1]
+    return current if trainer._best_ema is None or current > trainer._best_ema else trainer._best_ema
