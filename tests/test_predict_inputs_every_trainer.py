@@ -95,6 +95,9 @@ def test_bad_inputs_are_refused_and_the_good_case_predicted(entry, input_folder,
     assert result.predicted == ["good"] and not result.failed, result.failed
     assert sorted(os.listdir(out)) == sorted(["good.nii.gz", *(["good.json"] if predictor.case_heads else []),
                                               "dataset.json", "plans.json", "predict_from_raw_data_args.json"])
+    # nnU-Net's record of the run names where the case is, not the staging folder it was written to
+    recorded = json.loads((out / "predict_from_raw_data_args.json").read_text())
+    assert recorded["output_folder_or_list_of_truncated_output_files"] == [str(out / "good")], recorded
     segmentation = sitk.ReadImage(str(out / "good.nii.gz"))
     assert segmentation.GetSize() == tuple(reversed(PATCH)) and segmentation.GetSpacing() == SPACING_XYZ
     assert set(np.unique(sitk.GetArrayFromImage(segmentation))) <= {0, 1, 2}

@@ -120,6 +120,22 @@ def _incomplete(staging: str, case: str, file_ending: str, with_json: bool, save
     return None
 
 
+def _point_at_the_output_folder(args_file: str, staging: str, output_folder: str) -> None:
+    """nnU-Net records the output paths it was given, here the staging folder, which is deleted once the cases
+    are moved: the record names the output folder instead."""
+    import json
+
+    def moved(value):
+        if isinstance(value, str) and value.startswith(staging):
+            return output_folder + value[len(staging):]
+        return [moved(v) for v in value] if isinstance(value, list) else value
+
+    with open(args_file, encoding="utf-8") as f:
+        recorded = json.load(f)
+    with open(args_file, "w", encoding="utf-8") as f:
+        json.dump({key: moved(value) for key, value in recorded.items()}, f, sort_keys=True, indent=4)
+
+
 def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, save_probabilities: bool = False,
                   num_processes_preprocessing: int = 1, num_processes_segmentation_export: int = 1,
                   parallel: bool = True, prev_stage_folder: Optional[str] = None) -> BatchResult:
@@ -177,6 +193,8 @@ def predict_cases(predictor, cases: Sequence[CaseInput], output_folder: str, sav
             any(why.startswith(PREDICTION_FAILED) for why in result.failed.values())
         for name in RUN_FILES if not result.run_failed else ():
             if os.path.isfile(os.path.join(staging, name)):
+                if name == "predict_from_raw_data_args.json":
+                    _point_at_the_output_folder(os.path.join(staging, name), staging, output_folder)
                 os.replace(os.path.join(staging, name), os.path.join(output_folder, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
