@@ -69,6 +69,10 @@ def test_predict_folds_not_trained_names_the_trained_folds(tree):
     assert_user_error(rc, out, "fold 1, 2, 3, 4", "not trained", "-f 0",
                       "nnUNetv2_train 501 3d_fullres FOLD -tr nnUNetTrainer_tiny -p nnUNetPlans",
                       "fold 1 stopped before the end")
+    assert "checkpoint_latest.pth as it stands" not in out  # folds 2-4 have no checkpoint at all
+    rc, out = predict(tree, "-tr", "nnUNetTrainer_tiny", "-f", "1")
+    assert_user_error(rc, out, "fold 1 stopped before the end",
+                      "or predict with the unfinished model as it stands: -chk checkpoint_latest.pth")
 
 
 def test_predict_unknown_dataset_lists_the_datasets_there(tree):

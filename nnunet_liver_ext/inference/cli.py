@@ -71,6 +71,8 @@ def _check_model(args: argparse.Namespace) -> tuple[str, list]:
             fix = f"predict with the trained fold(s): -f {' '.join(trained)}   (or train the others: {train})"
         else:
             fix = f"no fold has {args.chk} yet; train one: {train}"
+        if unfinished and len(unfinished) == len(missing):
+            fix += "; or predict with the unfinished model as it stands: -chk checkpoint_latest.pth"
         raise UserError(what, fix)
     previous = _previous_stage(_read_plans(model_folder), args.c)
     if previous is None and args.prev_stage_predictions is not None:
