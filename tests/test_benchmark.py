@@ -253,6 +253,9 @@ def test_missing_fold_and_bad_geometry_are_reported(nnunet_env, tmp_path, capsys
     n3, n4 = (len(nnunet_env["splits"][f]["val"]) for f in (3, 4))
     assert (f"Each trainer's mean covers its own cases, and they differ (nnUNetTrainer: {n3 + n4}, "
             f"nnUNetTrainerSTDNet: {n3}; {n3} in common)") in report
+    # and next to the lesion counts (characterization: only STD-Net has it, nothing to compare)
+    note = "The trainers' case sets differ (see Segmentation): these counts are over each trainer's own cases."
+    assert report.count(note) == 1 and report.index(note) > report.index("## Lesion detection")
     assert json.loads((out / "summary.json").read_text())["cases"] == {
         "per_trainer": {"nnUNetTrainer": n3 + n4, "nnUNetTrainerSTDNet": n3}, "common": n3}
 
@@ -409,6 +412,15 @@ def test_collection_adds_a_baseline_not_listed_and_lists_predictions_of_cases_ou
     assert inputs.trainers == ["nnUNetTrainer", "nnUNetTrainerSTDNet"] and inputs.baseline == "nnUNetTrainer"
     assert {j.trainer for j in inputs.jobs} == {"nnUNetTrainer", "nnUNetTrainerSTDNet"}
     assert inputs.completeness.unexpected_files == {"nnUNetTrainerSTDNet": [(0, "not_in_split")]}
+
+
+def test_a_statistic_of_one_case_shows_no_interval():
+    from nnunet_liver_ext.evaluation import report
+
+    cell = report._stat_cell(dict(n=1, n_undefined=0, mean=0.7, sd=float("nan"), ci_low=0.7, ci_high=0.7))
+    assert cell == "0.700 ± n/a (n=1)", cell
+    two = report._stat_cell(dict(n=2, n_undefined=1, mean=0.7, sd=0.1, ci_low=0.6, ci_high=0.8))
+    assert two == "0.700 ± 0.100 [0.600, 0.800] (n=2, NaN 1)", two
 
 
 def test_lesion_size_plot_marks_a_stratum_without_lesions_instead_of_drawing_a_zero(tmp_path):

@@ -119,7 +119,7 @@ def _stat_cell(d: dict, with_ci: bool = True) -> str:
         return f"n/a (undefined for {d['n_undefined']})" if d["n_undefined"] else "n/a"
     digits = 2 if abs(d["mean"]) >= 10 else 3
     cell = f"{_f(d['mean'], digits)} ± {_f(d['sd'], digits)}"
-    if with_ci:
+    if with_ci and d["n"] > 1:  # one case: the bootstrap interval is the value itself, no interval
         cell += f" [{_f(d['ci_low'], digits)}, {_f(d['ci_high'], digits)}]"
     cell += f" (n={d['n']}"
     cell += f", NaN {d['n_undefined']})" if d["n_undefined"] else ")"
@@ -376,11 +376,14 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
 
     md += [f"## Segmentation{_pooled(folds)}", ""]
     counts = summary["cases"]["per_trainer"]
-    if len(set(counts.values())) > 1 or summary["cases"]["common"] < max(counts.values(), default=0):
+    unequal_cases = len(set(counts.values())) > 1 or summary["cases"]["common"] < max(counts.values(), default=0)
+    if unequal_cases:
         md += ["Each trainer's mean covers its own cases, and they differ (" +
                ", ".join(f"{t}: {n}" for t, n in counts.items()) + f"; {summary['cases']['common']} in common): "
                "compare the means with care; the paired column uses the common cases only. The missing ones are "
                "listed under Completeness.", ""]
+    other_cases_note = ["The trainers' case sets differ (see Segmentation): these counts are over each "
+                        "trainer's own cases.", ""] if unequal_cases else []
     for region in s.regions:
         reg = summary["segmentation"][region.key]
         md += [f"### {region.display}", ""]
@@ -418,7 +421,7 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
         md.append("")
 
     if summary["lesions"]:
-        md += ["## Lesion detection", ""]
+        md += ["## Lesion detection", ""] + other_cases_note
         table = []
         for t in trainers:
             p = summary["lesions"][t]["pooled"]
@@ -446,6 +449,8 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
     if not (inputs.dataset_json.get("characterization") or {}).get("classes"):
         md.append("- dataset.json has no `characterization` entry: classification is not scored.")
     md.append("")
+    if summary["characterization"] and len(summary["characterization"]) > 1:
+        md += other_cases_note
     if summary["characterization"]:
         table = []
         for t, c in summary["characterization"].items():
