@@ -152,6 +152,12 @@ def test_poly_with_linear_warmup_per_iteration_and_the_epoch_start_shows_the_fir
         rates = [poly[epoch] * min(1.0, (epoch * 3 + i + 1) / 5) for i in range(3)]
         expected += [rates[0]] + rates  # the epoch's start shows its first iteration's rate
     assert lrs == pytest.approx(expected)
+    # the range the trainer logs: the last epoch stepped (3) is past the warm-up; epoch 1 spans iterations 3-5
+    assert scheduler.epoch_warmup() is None
+    scheduler.step(1)
+    for _ in range(2):
+        scheduler.begin_iteration()
+    assert scheduler.epoch_warmup() == pytest.approx((10 * poly[1] * 4 / 5, 10 * poly[1]))  # group 0: SGD, 10x
     # each group from its own rate: the SGD group is ten times the AdamW one throughout
     assert optimizer.param_groups[0]["lr"] == pytest.approx(10 * optimizer.param_groups[1]["lr"])
     # --c: a new scheduler stepped at epoch 1 trains exactly as the uninterrupted run did from there

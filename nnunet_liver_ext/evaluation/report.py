@@ -449,9 +449,9 @@ def _markdown(inputs: BenchmarkInputs, rows, summary, out_dir: Path, plot_files,
     if not (inputs.dataset_json.get("characterization") or {}).get("classes"):
         md.append("- dataset.json has no `characterization` entry: classification is not scored.")
     md.append("")
-    if summary["characterization"] and len(summary["characterization"]) > 1:
-        md += other_cases_note
     if summary["characterization"]:
+        if len(summary["characterization"]) > 1:
+            md += other_cases_note
         table = []
         for t, c in summary["characterization"].items():
             p = c["pooled"]

@@ -88,12 +88,11 @@ class nnUNetTrainerDynTransNet(LiverMultiTaskTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # nnU-Net steps the scheduler and logs the epoch's first learning rate
-        first = self.current_epoch * self.num_iterations_per_epoch
-        if first < self.lr_scheduler.warmup_iterations:
+        warmup = self.lr_scheduler.epoch_warmup()
+        if warmup is not None:
             # nnU-Net prints the rate rounded to 5 decimals: 0.0 in a long warm-up's first epochs
-            last = first + self.num_iterations_per_epoch - 1
-            self.print_to_log_file(f"Warm-up: the learning rate rises linearly from {self.lr_scheduler.rate(first):.3g}"
-                                   f" to {self.lr_scheduler.rate(last):.3g} over this epoch")
+            self.print_to_log_file(f"Warm-up: the learning rate rises linearly from {warmup[0]:.3g} to "
+                                   f"{warmup[1]:.3g} over this epoch")
 
     def train_step(self, batch: dict) -> dict:
         self.lr_scheduler.begin_iteration()

@@ -91,6 +91,7 @@ class PolyLRWithLinearWarmup(PolyLRPerGroup):
         self.iterations_per_epoch = iterations_per_epoch
         self.warmup_iterations = warmup_iterations
         self._epoch_lrs = None
+        self._epoch_start = 0  # the first iteration of the epoch last stepped
         self._iteration = 0
 
     def warmup_factor(self, iteration: int) -> float:
@@ -100,11 +101,18 @@ class PolyLRWithLinearWarmup(PolyLRPerGroup):
         """The learning rate of ``group`` at ``iteration`` of the epoch last stepped."""
         return self._epoch_lrs[group] * self.warmup_factor(iteration)
 
+    def epoch_warmup(self) -> tuple[float, float] | None:
+        """(first, last) rate of group 0 over the epoch last stepped when the warm-up covers its start, else None."""
+        first = self._epoch_start
+        if self._epoch_lrs is None or first >= self.warmup_iterations:
+            return None
+        return self.rate(first), self.rate(first + self.iterations_per_epoch - 1)
+
     def step(self, current_step: int = None) -> None:
         epoch = self.ctr if current_step is None or current_step == -1 else current_step
         super().step(current_step)
         self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self._iteration = epoch * self.iterations_per_epoch
+        self._epoch_start = self._iteration = epoch * self.iterations_per_epoch
         self._set(self._iteration)
 
     def begin_iteration(self) -> None:
